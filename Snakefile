@@ -1,0 +1,49 @@
+# cifar-study: trains an MLP, ResNet18 and MLP-Mixer on CIFAR-10 across the
+# sweeps of config.yaml and compiles the results into results/report/report.pdf.
+#
+#   snakemake --cores all                                   # the full study (GPU scale)
+#   snakemake --cores all --configfile presets/quick.yaml   # CPU scale
+#   snakemake --cores all results/figures/mlp_activation_curves.pdf
+
+import json
+import re
+import sys
+
+from snakemake.utils import min_version, validate
+
+from cifar_study.config import build_study
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+STUDY = build_study(config)
+
+RUNS_DIR = "results/runs"
+RUN_FILES = ("run.json", "history.csv", "grad_norms.csv", "model.pt")
+
+
+def run_file(run_id, name="run.json"):
+    return f"{RUNS_DIR}/{run_id}/{name}"
+
+
+def experiment_run_files(experiment, name="run.json"):
+    return [run_file(run_id, name) for run_id in STUDY.experiments[experiment].run_ids]
+
+
+wildcard_constraints:
+    run_id="|".join(re.escape(run_id) for run_id in STUDY.runs),
+    experiment="|".join(STUDY.experiments),
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+
+
+rule all:
+    input:
+        [run_file(run_id, name) for run_id in STUDY.runs for name in RUN_FILES],
+    default_target: True

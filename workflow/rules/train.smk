@@ -1,0 +1,33 @@
+# One job per run of the study; its files in results/runs/<run-id>/ are the
+# contract with every later stage.
+
+TRAIN_RESOURCES = config["resources"]["train"]
+
+
+def run_settings_json(wildcards):
+    # Sorted keys give the same string whatever the key order of the config,
+    # so Snakemake's params trigger reruns a run only when a setting changes.
+    run = STUDY.runs[wildcards.run_id]
+    return json.dumps({"model": run.model, **run.settings}, sort_keys=True)
+
+
+rule train:
+    input:
+        data=rules.prepare_data.output.data,
+        summary=rules.prepare_data.output.summary,
+    output:
+        **{name.split(".")[0]: run_file("{run_id}", name) for name in RUN_FILES},
+    log:
+        run_file("{run_id}", "train.log"),
+    params:
+        settings=run_settings_json,
+        out_dir=lambda wildcards: f"{RUNS_DIR}/{wildcards.run_id}",
+        python=sys.executable,
+    threads: TRAIN_RESOURCES["threads"]
+    resources:
+        mem_mb=TRAIN_RESOURCES["mem_mb"],
+        runtime=TRAIN_RESOURCES["runtime"],
+        gpu=TRAIN_RESOURCES["gpu"],
+    shell:
+        "{params.python} -m cifar_study.train --run-id {wildcards.run_id:q} --settings {params.settings:q}"
+        " --data {input.data:q} --out {params.out_dir:q} --threads {threads} --log {log:q}"
