@@ -22,23 +22,12 @@ configfile: "config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 STUDY = build_study(config)
 
-RUNS_DIR = "results/runs"
-RUN_FILES = ("run.json", "history.csv", "grad_norms.csv", "model.pt")
-
-
-def run_file(run_id, name="run.json"):
-    return f"{RUNS_DIR}/{run_id}/{name}"
-
-
-def experiment_run_files(experiment, name="run.json"):
-    return [run_file(run_id, name) for run_id in STUDY.experiments[experiment].run_ids]
-
-
 wildcard_constraints:
     run_id="|".join(re.escape(run_id) for run_id in STUDY.runs),
     experiment="|".join(STUDY.experiments),
 
 
+include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 

@@ -18,6 +18,7 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 IMAGE_SIZE = 32
@@ -252,6 +253,27 @@ def _expand_sweep(where: str, sweep: dict[str, Any]) -> list[dict[str, Any]]:
             raise ConfigError(f"{where}.sweep.{key}: expected a non-empty list of values, got {values!r}")
         value_lists.append(values)
     return [dict(zip(keys, point)) for point in itertools.product(*value_lists)]
+
+
+def merge_config(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``overlay`` into ``base`` key by key, as Snakemake merges config files."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = merge_config(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(*paths: str | Path) -> dict[str, Any]:
+    """Read YAML config files, each later one overlaid on the ones before."""
+    import yaml
+
+    config: dict[str, Any] = {}
+    for path in paths:
+        config = merge_config(config, yaml.safe_load(Path(path).read_text()) or {})
+    return config
 
 
 def build_study(config: dict[str, Any]) -> Study:

@@ -67,25 +67,26 @@ def detect_source(root: Path) -> str | None:
 
 def _decode_files(paths: list[Path]) -> torch.Tensor:
     """Decode image files into a uint8 tensor (N, 3, 32, 32), naming any bad file."""
-    from torchvision.io import ImageReadMode, decode_image
+    import numpy as np
+    from PIL import Image
 
-    images = torch.empty((len(paths), *IMAGE_SHAPE), dtype=torch.uint8)
+    images = np.empty((len(paths), 32, 32, 3), dtype=np.uint8)
     for i, path in enumerate(paths):
         try:
-            data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-            image = decode_image(data, mode=ImageReadMode.RGB)
-        except (RuntimeError, ValueError, OSError) as error:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        except OSError as error:
             raise DataError(
                 f"cannot decode image {str(path)!r}: {error}. Replace or remove the file, "
                 f"or restore the data set from its archive."
             ) from error
-        if tuple(image.shape) != IMAGE_SHAPE:
+        if pixels.shape != (32, 32, 3):
             raise DataError(
-                f"image {str(path)!r} has shape {tuple(image.shape)}, expected {IMAGE_SHAPE} "
-                f"(32x32 RGB); CIFAR-10 images are 32x32."
+                f"image {str(path)!r} is {pixels.shape[1]}x{pixels.shape[0]}, but CIFAR-10 images are 32x32 RGB; "
+                f"remove it or restore the data set from its archive"
             )
-        images[i] = image
-    return images
+        images[i] = pixels
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
 def read_image_folder(root: Path) -> dict[str, torch.Tensor]:

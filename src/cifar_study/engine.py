@@ -102,8 +102,9 @@ def train_epoch(
     start = _synchronized_time(device)
     for step in range(steps):
         index = order[step * batch_size : (step + 1) * batch_size]
-        inputs = prepare_batch(images[index], augment, generator, channels_last)
-        targets = labels[index]
+        # index_select, unlike images[index], has a fast kernel for uint8 on the CPU.
+        inputs = prepare_batch(images.index_select(0, index), augment, generator, channels_last)
+        targets = labels.index_select(0, index)
 
         with autocast_context(device, precision):
             logits = model(inputs)
@@ -112,10 +113,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if track_grad_norms:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            norms = torch.stack(torch._foreach_norm(grads)).float()
-            norm_sum += norms
-            torch.maximum(norm_max, norms, out=norm_max)
+            accumulate_grad_norms(params, norm_sum, norm_max)
         optimizer.step()
 
         loss_sum += loss.detach() * len(index)
@@ -131,6 +129,18 @@ def train_epoch(
         stats.grad_norm_mean = (norm_sum / steps).tolist()
         stats.grad_norm_max = norm_max.tolist()
     return stats
+
+
+def accumulate_grad_norms(params: list[torch.Tensor], norm_sum: torch.Tensor, norm_max: torch.Tensor) -> None:
+    """Add each parameter's gradient L2 norm to ``norm_sum`` and raise ``norm_max`` to it, in place.
+
+    One multi-tensor kernel computes all norms and nothing leaves the device.
+    A parameter without a gradient counts as norm 0.
+    """
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    norms = torch.stack(torch._foreach_norm(grads)).float()
+    norm_sum += norms
+    torch.maximum(norm_max, norms, out=norm_max)
 
 
 @torch.inference_mode()

@@ -1,11 +1,6 @@
 # Decode CIFAR-10 once; every training job loads the tensors written here.
 
 
-def subset_args(subset):
-    names = ("train_per_class", "val_per_class", "test_per_class")
-    return " ".join(f"--{name.replace('_', '-')} {subset[name]}" for name in names if subset.get(name) is not None)
-
-
 rule prepare_data:
     output:
         data="results/data/cifar10.pt",
@@ -20,6 +15,8 @@ rule prepare_data:
         download="" if config["data"]["download"] else "--no-download",
         python=sys.executable,
     localrule: True
+    conda:
+        "../../environment.yml"
     shell:
         "{params.python} -m cifar_study.data --root {params.root:q} --out results/data"
         " --split-seed {params.split_seed} --val-size {params.val_size} {params.subset}"

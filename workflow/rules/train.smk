@@ -4,13 +4,6 @@
 TRAIN_RESOURCES = config["resources"]["train"]
 
 
-def run_settings_json(wildcards):
-    # Sorted keys give the same string whatever the key order of the config,
-    # so Snakemake's params trigger reruns a run only when a setting changes.
-    run = STUDY.runs[wildcards.run_id]
-    return json.dumps({"model": run.model, **run.settings}, sort_keys=True)
-
-
 rule train:
     input:
         data=rules.prepare_data.output.data,
@@ -28,6 +21,8 @@ rule train:
         mem_mb=TRAIN_RESOURCES["mem_mb"],
         runtime=TRAIN_RESOURCES["runtime"],
         gpu=TRAIN_RESOURCES["gpu"],
+    conda:
+        "../../environment.yml"
     shell:
         "{params.python} -m cifar_study.train --run-id {wildcards.run_id:q} --settings {params.settings:q}"
         " --data {input.data:q} --out {params.out_dir:q} --threads {threads} --log {log:q}"

@@ -1,0 +1,24 @@
+# Helpers shared by the rule files: paths of run files and job parameters.
+
+RUNS_DIR = "results/runs"
+RUN_FILES = ("run.json", "history.csv", "grad_norms.csv", "model.pt")
+
+
+def run_file(run_id, name="run.json"):
+    return f"{RUNS_DIR}/{run_id}/{name}"
+
+
+def experiment_run_files(experiment, name="run.json"):
+    return [run_file(run_id, name) for run_id in STUDY.experiments[experiment].run_ids]
+
+
+def subset_args(subset):
+    names = ("train_per_class", "val_per_class", "test_per_class")
+    return " ".join(f"--{name.replace('_', '-')} {subset[name]}" for name in names if subset.get(name) is not None)
+
+
+def run_settings_json(wildcards):
+    # Sorted keys give the same string whatever the key order of the config,
+    # so Snakemake's params trigger reruns a run only when a setting changes.
+    run = STUDY.runs[wildcards.run_id]
+    return json.dumps({"model": run.model, **run.settings}, sort_keys=True)
