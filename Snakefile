@@ -8,9 +8,11 @@
 import json
 import re
 import sys
+from pathlib import Path
 
 from snakemake.utils import min_version, validate
 
+import cifar_study
 from cifar_study.config import build_study
 
 min_version("9.0")
@@ -22,6 +24,11 @@ configfile: "config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 STUDY = build_study(config)
 
+# The interpreter running Snakemake, which has cifar_study installed. Rules
+# name it in their shell text rather than in params, so that starting
+# Snakemake through another path to the same environment reruns nothing.
+PYTHON = sys.executable
+
 wildcard_constraints:
     run_id="|".join(re.escape(run_id) for run_id in STUDY.runs),
     experiment="|".join(STUDY.experiments),
@@ -30,9 +37,12 @@ wildcard_constraints:
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/figures.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
         [run_file(run_id, name) for run_id in STUDY.runs for name in RUN_FILES],
+        "results/report/report.pdf",
     default_target: True

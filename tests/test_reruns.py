@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import yaml
 
@@ -94,3 +95,20 @@ def test_killed_snakemake_job_resumes(tmp_path, cifar_root):
     assert summary["epochs_run"] == 3
     assert "resuming after epoch" in (workdir / "results" / "runs" / run_id / "train.log").read_text()
     assert not resume.exists()
+
+
+def test_plotting_code_change_skips_training(smoke_workdir, cifar_root):
+    import cifar_study.figures
+
+    code = Path(cifar_study.figures.__file__)
+    before = code.stat()
+    try:
+        # A newer plotting module is what an edit of it looks like to Snakemake.
+        os.utime(code, (before.st_atime, time.time() + 60))
+        jobs = scheduled_jobs(dry_run(smoke_workdir, cifar_root))
+    finally:
+        os.utime(code, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert "train" not in jobs
+    assert "prepare_data" not in jobs
+    assert jobs.get("curves") == 6
+    assert jobs.get("report") == 1

@@ -22,3 +22,11 @@ def run_settings_json(wildcards):
     # so Snakemake's params trigger reruns a run only when a setting changes.
     run = STUDY.runs[wildcards.run_id]
     return json.dumps({"model": run.model, **run.settings}, sort_keys=True)
+
+
+# The modules that draw figures, write tables and build the report. Aggregation
+# rules list them as inputs, so that editing plotting code rebuilds figures,
+# tables and the report, and never retrains a run.
+AGGREGATION_CODE = [
+    str(Path(cifar_study.__file__).with_name(name)) for name in ("figures.py", "tables.py", "report.py")
+]

@@ -13,11 +13,10 @@ rule prepare_data:
         val_size=config["data"]["val_size"],
         subset=subset_args(config["data"]["subset"]),
         download="" if config["data"]["download"] else "--no-download",
-        python=sys.executable,
     localrule: True
     conda:
         "../../environment.yml"
     shell:
-        "{params.python} -m cifar_study.data --root {params.root:q} --out results/data"
+        "{PYTHON} -m cifar_study.data --root {params.root:q} --out results/data"
         " --split-seed {params.split_seed} --val-size {params.val_size} {params.subset}"
         " {params.download} --log {log}"

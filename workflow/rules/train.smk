@@ -15,7 +15,6 @@ rule train:
     params:
         settings=run_settings_json,
         out_dir=lambda wildcards: f"{RUNS_DIR}/{wildcards.run_id}",
-        python=sys.executable,
     threads: TRAIN_RESOURCES["threads"]
     resources:
         mem_mb=TRAIN_RESOURCES["mem_mb"],
@@ -24,5 +23,5 @@ rule train:
     conda:
         "../../environment.yml"
     shell:
-        "{params.python} -m cifar_study.train --run-id {wildcards.run_id:q} --settings {params.settings:q}"
+        "{PYTHON} -m cifar_study.train --run-id {wildcards.run_id:q} --settings {params.settings:q}"
         " --data {input.data:q} --out {params.out_dir:q} --threads {threads} --log {log:q}"
