@@ -6,6 +6,7 @@
 #   snakemake --cores all results/figures/mlp_activation_curves.pdf
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -21,13 +22,18 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+envvars:
+    "PATH",
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 STUDY = build_study(config)
 
-# The interpreter running Snakemake, which has cifar_study installed. Rules
-# name it in their shell text rather than in params, so that starting
-# Snakemake through another path to the same environment reruns nothing.
-PYTHON = sys.executable
+# Jobs run `python -m cifar_study...`. Putting the folder of the interpreter
+# that runs Snakemake, which has cifar_study installed, first on PATH lets
+# them find it without an activated environment; SLURM jobs inherit PATH.
+search_path = os.environ["PATH"]
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{search_path}"
 
 wildcard_constraints:
     run_id="|".join(re.escape(run_id) for run_id in STUDY.runs),

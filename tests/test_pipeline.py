@@ -125,3 +125,9 @@ def test_finished_pipeline_schedules_nothing(smoke_workdir, cifar_root):
     process = run_snakemake(smoke_workdir, "-n", "--configfile", "config.yaml", "presets/smoke.yaml",
                             *data_overlay(cifar_root))
     assert "Nothing to be done" in process.stdout + process.stderr
+
+
+def test_workflow_lint_is_clean(tmp_path):
+    workdir = copy_workflow(tmp_path / "flow")
+    process = run_snakemake(workdir, "--lint")
+    assert "Congratulations" in process.stdout + process.stderr

@@ -1,4 +1,4 @@
-# Helpers shared by the rule files: paths of run files and job parameters.
+# Paths of run files and job parameters, shared by every rule file.
 
 RUNS_DIR = "results/runs"
 RUN_FILES = ("run.json", "history.csv", "grad_norms.csv", "model.pt")

@@ -17,6 +17,6 @@ rule prepare_data:
     conda:
         "../../environment.yml"
     shell:
-        "{PYTHON} -m cifar_study.data --root {params.root:q} --out results/data"
+        "python -m cifar_study.data --root {params.root:q} --out results/data"
         " --split-seed {params.split_seed} --val-size {params.val_size} {params.subset}"
         " {params.download} --log {log}"

@@ -31,7 +31,7 @@ rule curves:
     conda:
         "../../environment.yml"
     shell:
-        "{PYTHON} -m cifar_study.figures curves --title {params.title:q} --sweep-keys {params.sweep_keys:q}"
+        "python -m cifar_study.figures curves --title {params.title:q} --sweep-keys {params.sweep_keys:q}"
         " --runs {input.runs:q} --pdf {output.pdf:q} --png {output.png:q} --log {log:q}"
 
 
@@ -58,7 +58,7 @@ if REPORT.kernels_experiment:
         conda:
             "../../environment.yml"
         shell:
-            "{PYTHON} -m cifar_study.figures kernels --sweep-keys {params.sweep_keys:q}"
+            "python -m cifar_study.figures kernels --sweep-keys {params.sweep_keys:q}"
             " --runs {input.runs:q} --pdf {output.pdf:q} --png {output.png:q} --log {log:q}"
 
 
@@ -85,7 +85,7 @@ if REPORT.token_mixing_experiment:
         conda:
             "../../environment.yml"
         shell:
-            "{PYTHON} -m cifar_study.figures token-mixing --sweep-keys {params.sweep_keys:q}"
+            "python -m cifar_study.figures token-mixing --sweep-keys {params.sweep_keys:q}"
             " --runs {input.runs:q} --pdf {output.pdf:q} --png {output.png:q} --log {log:q}"
 
 
@@ -114,6 +114,6 @@ rule gradient_flow:
     conda:
         "../../environment.yml"
     shell:
-        "{PYTHON} -m cifar_study.figures gradient-flow --model {wildcards.model} --experiment {params.experiment}"
+        "python -m cifar_study.figures gradient-flow --model {wildcards.model} --experiment {params.experiment}"
         " --sweep-keys {params.sweep_keys:q} --runs {input.runs:q} --pdf {output.pdf:q} --png {output.png:q}"
         " --log {log:q}"

@@ -38,7 +38,7 @@ rule experiment_table:
     conda:
         "../../environment.yml"
     shell:
-        "{PYTHON} -m cifar_study.tables experiment --experiment {wildcards.experiment}"
+        "python -m cifar_study.tables experiment --experiment {wildcards.experiment}"
         " --sweep-keys {params.sweep_keys:q} --runs {input.runs:q} --csv {output.csv:q} --tex {output.tex:q}"
         " --log {log:q}"
 
@@ -67,7 +67,7 @@ rule runs_table:
     conda:
         "../../environment.yml"
     shell:
-        "{PYTHON} -m cifar_study.tables runs --experiments {params.experiments:q} --runs {input.runs:q}"
+        "python -m cifar_study.tables runs --experiments {params.experiments:q} --runs {input.runs:q}"
         " --csv {output.csv:q} --tex {output.tex:q} --log {log:q}"
 
 
@@ -88,7 +88,7 @@ rule report_numbers:
     conda:
         "../../environment.yml"
     shell:
-        "{PYTHON} -m cifar_study.report numbers --config-json {params.config:q} --runs {input.runs:q}"
+        "python -m cifar_study.report numbers --config-json {params.config:q} --runs {input.runs:q}"
         " --data-summary {input.data:q} --output {output:q} --log {log:q}"
 
 
@@ -109,7 +109,7 @@ rule report_fragments:
     conda:
         "../../environment.yml"
     shell:
-        "{PYTHON} -m cifar_study.report fragments --config-json {params.config:q}"
+        "python -m cifar_study.report fragments --config-json {params.config:q}"
         " --setup {output.setup:q} --experiments {output.experiments:q}"
         " --token-mixing-figures {output.token_mixing_figures:q} --gradient-flow-figures {output.gradient_flow_figures:q}"
         " --log {log:q}"
@@ -129,4 +129,4 @@ rule report:
         "../../environment.yml"
     shell:
         # stdin closed: LaTeX must fail on an error, never wait for input.
-        "{PYTHON} -m cifar_study.report build --source report --workdir results/report --log {log:q} < /dev/null"
+        "python -m cifar_study.report build --source report --workdir results/report --log {log:q} < /dev/null"

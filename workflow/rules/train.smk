@@ -23,5 +23,5 @@ rule train:
     conda:
         "../../environment.yml"
     shell:
-        "{PYTHON} -m cifar_study.train --run-id {wildcards.run_id:q} --settings {params.settings:q}"
+        "python -m cifar_study.train --run-id {wildcards.run_id:q} --settings {params.settings:q}"
         " --data {input.data:q} --out {params.out_dir:q} --threads {threads} --log {log:q}"
