@@ -163,3 +163,24 @@ def test_repeated_seed_is_rejected(config):
     config["experiments"]["mlp_activation"]["seeds"] = [1, 1]
     with pytest.raises(ConfigError, match="repeated seed"):
         build_study(config)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"val_size": 5005}, "data.val_size: invalid value 5005"),
+        ({"val_size": 5000, "subset": {"val_per_class": 900}}, "data.subset.val_per_class: invalid value 900"),
+        ({"val_size": 5000, "subset": {"train_per_class": 4600}}, "use at most 4500"),
+        ({"val_size": 5000, "subset": {"test_per_class": 1001}}, "use at most 1000"),
+    ],
+)
+def test_invalid_data_sizes_are_named(config, data, message):
+    config["data"].update(data)
+    with pytest.raises(ConfigError, match=message):
+        build_study(config)
+
+
+def test_overlong_run_id_is_rejected(config):
+    config["experiments"]["mlp_activation"]["settings"] = {"hidden_sizes": list(range(1000, 1060))}
+    with pytest.raises(ConfigError, match="characters long"):
+        build_study(config)

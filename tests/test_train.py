@@ -268,5 +268,37 @@ def test_damaged_checkpoint_is_named(tmp_path, prepared_small):
     out = tmp_path / "run"
     out.mkdir()
     (out / RESUME_FILE).write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="Delete it"):
+    with pytest.raises(CheckpointError, match="delete it to train this run from scratch"):
         train(tmp_path, prepared_small, MLP)
+
+
+def test_stale_temporary_is_removed(tmp_path, prepared_small):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".resume.pt.123.tmp").write_bytes(b"partial")
+    train(tmp_path, prepared_small, {**MLP, "epochs": 1})
+    assert not (out / ".resume.pt.123.tmp").exists()
+
+
+def test_second_trainer_of_run_fails(tmp_path, prepared_small):
+    from cifar_study.train import CheckpointError, lock_run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = lock_run_folder(out, "run")
+    try:
+        with pytest.raises(CheckpointError, match="already being trained"):
+            train(tmp_path, prepared_small, MLP)
+    finally:
+        holder.close()
+    assert not (out / "history.csv").exists()
+
+
+def test_cli_reports_missing_settings_file(tmp_path, prepared_small):
+    process = subprocess.run(
+        [sys.executable, "-m", "cifar_study.train", "--run-id", "x", "--settings", str(tmp_path / "nope.json"),
+         "--data", str(prepared_small), "--out", str(tmp_path / "x")],
+        capture_output=True, text=True,
+    )
+    assert process.returncode == 1
+    assert "neither a JSON object nor an existing JSON file" in process.stderr

@@ -23,6 +23,11 @@ from typing import Any
 
 IMAGE_SIZE = 32
 NUM_CLASSES = 10
+# CIFAR-10 has 5,000 training and 1,000 test images of each class.
+TRAIN_PER_CLASS = 5000
+TEST_PER_CLASS = 1000
+# Run ids name folders; most file systems allow 255 bytes per name.
+MAX_RUN_ID_LENGTH = 200
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -276,12 +281,35 @@ def load_config(*paths: str | Path) -> dict[str, Any]:
     return config
 
 
+def check_data_config(data: dict[str, Any]) -> None:
+    """Check split and subset sizes against CIFAR-10's class sizes, before any decoding."""
+    val_size = data.get("val_size", 5000)
+    if val_size % NUM_CLASSES or not 0 < val_size < TRAIN_PER_CLASS * NUM_CLASSES:
+        raise ConfigError(
+            f"data.val_size: invalid value {val_size}; expected a multiple of {NUM_CLASSES} below "
+            f"{TRAIN_PER_CLASS * NUM_CLASSES}, because the split takes the same number of images from each class"
+        )
+    limits = {
+        "train_per_class": TRAIN_PER_CLASS - val_size // NUM_CLASSES,
+        "val_per_class": val_size // NUM_CLASSES,
+        "test_per_class": TEST_PER_CLASS,
+    }
+    for name, value in (data.get("subset") or {}).items():
+        if value is not None and name in limits and value > limits[name]:
+            raise ConfigError(
+                f"data.subset.{name}: invalid value {value}; the split has {limits[name]} images per class, "
+                f"so use at most {limits[name]}, or null for all"
+            )
+
+
 def build_study(config: dict[str, Any]) -> Study:
     """Validate the experiments of ``config`` and expand them into distinct runs.
 
     Raises ConfigError, naming the key and the valid choices, on an unknown
     model, an unknown setting, an invalid value or an empty sweep.
     """
+    if config.get("data"):
+        check_data_config(config["data"])
     defaults = _mapping("defaults", config.get("defaults"))
     missing = sorted(set(TRAIN_SETTINGS) - set(defaults))
     if missing:
@@ -354,6 +382,11 @@ def build_study(config: dict[str, Any]) -> Study:
                             f"{where}.{key}: invalid value {value!r}; use letters, digits, '.', '+', '-', '_'"
                         )
                 run_id = make_run_id(model, settings, base)
+                if len(run_id) > MAX_RUN_ID_LENGTH:
+                    raise ConfigError(
+                        f"{where}: the run id {run_id[:60]}... is {len(run_id)} characters long, over the "
+                        f"{MAX_RUN_ID_LENGTH} that file names allow; override fewer settings or use shorter values"
+                    )
                 runs.setdefault(run_id, Run(run_id=run_id, model=model, settings=settings))
                 if run_id not in run_ids:
                     run_ids.append(run_id)

@@ -108,7 +108,10 @@ def read_image_folder(root: Path) -> dict[str, torch.Tensor]:
         for label, name in enumerate(CLASSES):
             files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                raise DataError(f"class folder {str(folder / name)!r} holds no .jpg or .png images")
+                raise DataError(
+                f"class folder {folder / name} contains no .jpg or .png images; "
+                f"restore the data set from its archive"
+            )
             paths += files
             labels += [label] * len(files)
         log.info("decoding %d %s images from %s", len(paths), split, folder)
@@ -205,7 +208,7 @@ def prepare(
 
     source = detect_source(root) if root.is_dir() else None
     if source is None and not download:
-        reason = "the folder does not exist" if not root.is_dir() else "no train/ and test/ folders, no archive"
+        reason = "the folder does not exist" if not root.is_dir() else "it needs both train/ and test/, or the archive"
         raise DataError(missing_data_message(root, reason + ", and data.download is false"))
     if source == "image_folder":
         raw = read_image_folder(root)
@@ -267,8 +270,9 @@ def load_prepared(path: str | Path, device: str | torch.device = "cpu") -> dict[
     try:
         data = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # torch raises several types for a damaged file
+        reason = str(error).strip().splitlines()[0]
         raise DataError(
-            f"cannot load prepared data {str(path)!r}: {error}. Delete it and run the prepare_data rule again."
+            f"cannot load prepared data {path}; delete it and run the prepare_data rule again (torch: {reason})"
         ) from error
     for split in ("train", "val", "test"):
         images = data.get(f"{split}_images")

@@ -15,7 +15,9 @@ continue from its last finished epoch; it is removed when the run ends.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import logging
 import math
 import platform
@@ -98,8 +100,9 @@ def load_resume_checkpoint(path: Path, settings: dict[str, Any], data_digest: st
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for a damaged file
+        reason = str(error).strip().splitlines()[0]
         raise CheckpointError(
-            f"cannot read resume checkpoint {str(path)!r}: {error}. Delete it to train this run from scratch."
+            f"cannot read resume checkpoint {path}; delete it to train this run from scratch (torch: {reason})"
         ) from error
     if checkpoint.get("settings") != json.loads(json.dumps(settings)) or checkpoint.get("data_digest") != data_digest:
         log.warning("ignoring resume checkpoint %s: it was made with other settings or data", path)
@@ -112,6 +115,37 @@ def _data_digest(data_path: Path) -> str | None:
     if summary.is_file():
         return json.loads(summary.read_text()).get("sha256_images")
     return None
+
+
+def lock_run_folder(out_dir: Path, run_id: str):
+    """Take an exclusive lock on the run folder, held until the process ends.
+
+    A training process left running after its Snakemake was killed would
+    otherwise write the same files as the rerun that replaces it.
+    """
+    handle = open(out_dir / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise CheckpointError(
+            f"run {run_id} is already being trained in {out_dir} by process {owner}; "
+            f"wait for it to finish or stop it (kill {owner}) before training the run again"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Delete temporary files that a killed process left behind in its run folder."""
+    for path in out_dir.glob(".*.tmp"):
+        log.info("removing %s, left by an interrupted write", path)
+        path.unlink(missing_ok=True)
 
 
 def validate_settings(model: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -137,8 +171,28 @@ def train_run(
 ) -> dict[str, Any]:
     """Train one run, write its files to ``out_dir`` and return the contents of run.json."""
     settings = validate_settings(model_name, settings)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads={threads} is invalid; use a positive number of CPU threads")
     data_path, out_dir = Path(data_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    run_lock = lock_run_folder(out_dir, run_id)
+    try:
+        remove_stale_temporaries(out_dir)
+        return _train_locked(run_id, model_name, settings, data_path, out_dir, device, threads)
+    finally:
+        run_lock.close()
+
+
+def _train_locked(
+    run_id: str,
+    model_name: str,
+    settings: dict[str, Any],
+    data_path: Path,
+    out_dir: Path,
+    device: str | None,
+    threads: int | None,
+) -> dict[str, Any]:
+    """Train a run whose settings are valid and whose folder this process has locked."""
     if threads:
         torch.set_num_threads(threads)
 
@@ -288,8 +342,10 @@ def describe_device(device: torch.device) -> str:
 
 def _parse_settings(text: str) -> dict[str, Any]:
     """Read settings from a JSON string or, if ``text`` names a file, from that JSON file."""
-    path = Path(text)
-    if not text.lstrip().startswith("{") and path.is_file():
+    if not text.lstrip().startswith("{"):
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"--settings {text!r} is neither a JSON object nor an existing JSON file")
         text = path.read_text()
     try:
         settings = json.loads(text)
@@ -301,7 +357,9 @@ def _parse_settings(text: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train one run of the CIFAR-10 study and write its files.")
+    parser = argparse.ArgumentParser(
+        prog="python -m cifar_study.train", description="Train one run of the CIFAR-10 study and write its files."
+    )
     parser.add_argument("--run-id", required=True, help="run id, used in log lines and run.json")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--settings", help="JSON object (or file) with 'model' and every resolved setting")
@@ -332,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             settings = _parse_settings(args.settings)
             model_name = settings.pop("model", None)
         train_run(args.run_id, model_name, settings, args.data, args.out, device=args.device, threads=args.threads)
-    except (ConfigError, DataError, CheckpointError, ValueError) as error:
+    except (ConfigError, DataError, CheckpointError, ValueError, OSError, RuntimeError) as error:
         log.error("%s failed: %s", args.run_id, error)
         return 1
     return 0

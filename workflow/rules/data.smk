@@ -8,7 +8,9 @@ rule prepare_data:
     log:
         "results/logs/prepare_data.log",
     params:
-        root=config["data"]["root"],
+        # The resolved path, so that a trailing slash or a symbolic link to the
+        # same folder is no change of params and reruns nothing.
+        root=os.path.realpath(config["data"]["root"]),
         split_seed=config["data"]["split_seed"],
         val_size=config["data"]["val_size"],
         subset=subset_args(config["data"]["subset"]),
