@@ -55,10 +55,14 @@ def random_flip_crop(images: torch.Tensor, generator: torch.Generator) -> torch.
     flip = torch.rand(n, device=device, generator=generator) < 0.5
     sign_x = torch.where(flip, -1.0, 1.0).to(crop_w.dtype)
 
-    theta = torch.zeros(n, 2, 3, device=device, dtype=images.dtype)
-    theta[:, 0, 0] = crop_w * sign_x
-    theta[:, 0, 2] = centre_x
-    theta[:, 1, 1] = crop_h
-    theta[:, 1, 2] = centre_y
-    grid = F.affine_grid(theta, (n, images.shape[1], height, width), align_corners=False)
+    # The grid of F.affine_grid for a scale-and-shift theta, built by broadcasting
+    # because affine_grid's batched matmul costs about 5x more on the CPU.
+    # Pixel centres in normalised coordinates (align_corners=False).
+    base_x = (torch.arange(width, device=device, dtype=images.dtype) * 2 + 1) / width - 1
+    base_y = (torch.arange(height, device=device, dtype=images.dtype) * 2 + 1) / height - 1
+    grid_x = (crop_w * sign_x).unsqueeze(1) * base_x + centre_x.unsqueeze(1)
+    grid_y = crop_h.unsqueeze(1) * base_y + centre_y.unsqueeze(1)
+    grid = torch.stack(
+        (grid_x.unsqueeze(1).expand(n, height, width), grid_y.unsqueeze(2).expand(n, height, width)), dim=-1
+    )
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

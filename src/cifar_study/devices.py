@@ -6,6 +6,7 @@ import fcntl
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,6 +36,53 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     if requested not in ("auto", "bf16"):
         raise ValueError(f"precision={requested!r} is unknown; use auto, bf16 or fp32")
     return "bf16" if supported else "fp32"
+
+
+# Models that take their input in channels_last (NHWC) memory format on CUDA,
+# where cuDNN's tensor-core convolutions work in NHWC. For MLP-Mixer it also
+# makes the patch embedding's flatten and transpose a view instead of a copy.
+CHANNELS_LAST_MODELS = frozenset({"resnet18", "mlpmixer"})
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """The speed choices of a run on its device: autocast precision, memory format and compilation."""
+
+    precision: str
+    channels_last: bool
+    compile: bool
+
+
+def choose_fast_path(
+    model_name: str, device: torch.device, precision: str = "auto", compile_model: bool = False
+) -> FastPath:
+    """Return the fast-path choices for ``model_name`` on ``device``.
+
+    ``precision`` is the run's setting (auto, bf16 or fp32), resolved by
+    ``resolve_precision``. ``compile_model`` is the run's opt-in to ``torch.compile``.
+    """
+    return FastPath(
+        precision=resolve_precision(precision, device),
+        channels_last=device.type == "cuda" and model_name in CHANNELS_LAST_MODELS,
+        compile=compile_model,
+    )
+
+
+def place_model(model: torch.nn.Module, device: torch.device, fast_path: FastPath) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Move ``model`` to ``device`` in the fast path's memory format and set the backend flags.
+
+    Returns the model itself, whose state dict and parameters the caller keeps,
+    and the module to call in training steps: the model, or its compiled
+    wrapper when ``fast_path.compile`` is set.
+    """
+    model = model.to(device)
+    if fast_path.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        # Input shapes are fixed, so autotuning the convolution algorithms pays off after one step.
+        torch.backends.cudnn.benchmark = True
+    step_model = torch.compile(model) if fast_path.compile else model
+    return model, step_model
 
 
 class GpuSlot:
