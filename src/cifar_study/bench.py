@@ -1,0 +1,810 @@
+"""Measure how fast the pipeline trains, what its bookkeeping costs and whether its speed costs accuracy.
+
+    python -m cifar_study.bench --data results/data/cifar10.pt          # speed of the three models
+    python -m cifar_study.bench --root data/cifar10 --json              # the same, from an image folder
+    python -m cifar_study.bench overheads --data results/data/cifar10.pt
+    python -m cifar_study.bench accuracy --preset quick --data results/data/cifar10.pt
+    python -m cifar_study.bench gpu-estimate
+
+Modes:
+  speed (default)  Time training steps of each model, in one process and on the
+                   same real images, with the pipeline's loop (engine.train_epoch
+                   with the run's fast path) and with the tutorial-style loop of
+                   ``cifar_study.reference``. Prints images/s, seconds per
+                   45,000-image epoch, the speedup, the training FLOP/s as a
+                   share of the measured matmul throughput of the precision in
+                   use, and the cost of gradient-norm tracking.
+  overheads        Time from process start to the first training step of a job,
+                   and the wall time of ``snakemake -n`` on config.yaml.
+  accuracy         Train each model with the fast path, with the pipeline in fp32
+                   and with the reference loop, at the same seed and epochs on a
+                   small real subset, and compare validation accuracy.
+  gpu-estimate     Estimate the wall time of the study of config.yaml on one GPU
+                   from FLOPs per step and an assumed share of the GPU's peak.
+
+Timings exclude warm-up steps and are medians over ``--repeats``; the blocks of
+the loops being compared alternate, so that load from other processes falls on
+both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from cifar_study import reference
+from cifar_study.data import CLASSES, DataError, _decode_files, load_prepared
+from cifar_study.devices import FastPath, choose_fast_path, place_model
+from cifar_study.engine import accumulate_grad_norms, evaluate, train_epoch
+from cifar_study.models import MODELS, build_model
+from cifar_study.train import describe_device, make_optimizer
+
+MODES = ("speed", "overheads", "accuracy", "gpu-estimate", "startup-probe")
+FULL_EPOCH_IMAGES = 45_000
+MATMUL_SIZES = {"cpu": (2048, 4096), "cuda": (4096, 8192)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# Timed blocks last about --block-seconds unless --steps is given, and have at
+# least MIN_STEPS steps. Blocks of seconds keep the few batches that the
+# reference loop's workers prefetch during its warm-up a small part of a block.
+MIN_STEPS = 4
+
+# Subsets of the training and validation images, and epochs, for the accuracy comparison.
+ACCURACY_PRESETS = {
+    "tiny": {"train_images": 256, "val_images": 100, "epochs": 1},
+    "quick": {"train_images": 2560, "val_images": 1000, "epochs": 3},
+}
+
+
+def _sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+# Data ---------------------------------------------------------------------
+
+
+def load_images(
+    data: str | None, root: str | None, train_count: int, val_count: int = 0
+) -> dict[str, torch.Tensor]:
+    """Load ``train_count`` training and ``val_count`` validation images of real CIFAR-10 onto the CPU.
+
+    Both subsets hold every class equally (up to one image) and interleave the
+    classes, because prepared files and image folders list the images class
+    by class. From a prepared file (``--data``) the images come from its train
+    and validation splits. From an image folder (``--root``) they are the
+    first files of each class in ``train/`` and the validation images the
+    last ones, so the two never overlap.
+    """
+    if data:
+        prepared = load_prepared(data)
+        subset = {}
+        for split, count in (("train", train_count), ("val", val_count)):
+            index = balanced_subset(prepared[f"{split}_labels"], count, f"{split} split of {data!r}")
+            subset[f"{split}_images"] = prepared[f"{split}_images"][index].clone()
+            subset[f"{split}_labels"] = prepared[f"{split}_labels"][index].clone()
+        return subset
+    if root:
+        return _read_folder_subset(Path(root), train_count, val_count)
+    raise DataError("no data given; pass --data results/data/cifar10.pt or --root with a CIFAR-10 image folder")
+
+
+def balanced_subset(labels: torch.Tensor, count: int, source: str) -> torch.Tensor:
+    """Return the indices of ``count`` images, the first of each class in turn: class 0, 1, ..., 9, 0, 1, ..."""
+    by_class = [torch.nonzero(labels == label).flatten() for label in range(len(CLASSES))]
+    per_class = math.ceil(count / len(CLASSES))
+    if any(len(indices) < per_class for indices in by_class):
+        smallest = min(len(indices) for indices in by_class)
+        raise DataError(
+            f"{count} images requested from the {source}, which has only {smallest} images of some class; "
+            f"request at most {smallest * len(CLASSES)} images"
+        )
+    return torch.stack([indices[:per_class] for indices in by_class], dim=1).flatten()[:count]
+
+
+def _read_folder_subset(root: Path, train_count: int, val_count: int) -> dict[str, torch.Tensor]:
+    folder = root / "train"
+    if not folder.is_dir():
+        raise DataError(f"image folder {str(folder)!r} not found; pass --root with train/<class>/*.jpg inside")
+    train_per_class = math.ceil(train_count / len(CLASSES))
+    val_per_class = math.ceil(val_count / len(CLASSES))
+    train_paths, val_paths = [], []
+    for name in CLASSES:
+        files = sorted((folder / name).glob("*")) if (folder / name).is_dir() else []
+        if len(files) < train_per_class + val_per_class:
+            raise DataError(
+                f"class folder {str(folder / name)!r} contains {len(files)} images, fewer than the "
+                f"{train_per_class + val_per_class} requested; request fewer images"
+            )
+        train_paths.append(files[:train_per_class])
+        val_paths.append(files[len(files) - val_per_class :])
+
+    subset = {}
+    for split, paths, count in (("train", train_paths, train_count), ("val", val_paths, val_count)):
+        # Column-major over (class, position) interleaves the classes.
+        pairs = [(paths[label][i], label) for i in range(len(paths[0])) for label in range(len(CLASSES))][:count]
+        subset[f"{split}_images"] = (
+            _decode_files([path for path, _ in pairs]) if pairs else torch.empty(0, 3, 32, 32, dtype=torch.uint8)
+        )
+        subset[f"{split}_labels"] = torch.tensor([label for _, label in pairs], dtype=torch.int64)
+    return subset
+
+
+def load_study_settings(config_path: str, model_name: str) -> dict[str, Any]:
+    """Return the default settings of ``model_name`` in the study config: training defaults plus model defaults."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config {config_path!r} not found; run from the repository root or pass --config")
+    config = yaml.safe_load(path.read_text())
+    return {**config["defaults"], **config["models"][model_name]}
+
+
+def model_args(model_name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    from cifar_study.config import MODEL_ARGS
+
+    return {key: value for key, value in settings.items() if key in MODEL_ARGS[model_name]}
+
+
+# FLOPs and matmul throughput ---------------------------------------------
+
+
+def count_train_flops(model_name: str, args: dict[str, Any], batch_size: int) -> tuple[int, int]:
+    """Return the FLOPs of one training step (forward + backward) and of one forward pass.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` on the meta device,
+    so nothing is computed. It counts matrix multiplications and convolutions
+    (2 FLOPs per multiply-add), not elementwise work or the optimizer.
+    """
+    with torch.device("meta"):
+        model = build_model(model_name, **args)
+        images = torch.empty(batch_size, 3, 32, 32)
+        targets = torch.zeros(batch_size, dtype=torch.int64)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(images), targets).backward()
+    train_flops = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(images)
+    return train_flops, counter.get_total_flops()
+
+
+def matmul_throughput(device: torch.device, precision: str, sizes: tuple[int, ...], repeats: int) -> dict[int, float]:
+    """Return the median FLOP/s of square matmuls of each size in ``sizes``, after one warm-up product."""
+    dtype = DTYPES[precision]
+    results = {}
+    for size in sizes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        a @ b
+        seconds = []
+        for _ in range(repeats):
+            start = _sync_time(device)
+            a @ b
+            seconds.append(_sync_time(device) - start)
+        results[size] = 2 * size**3 / _median(seconds)
+    return results
+
+
+# Speed ----------------------------------------------------------------------
+
+
+@dataclass
+class SpeedSetup:
+    """Everything one model's speed measurement needs, built once per model and device."""
+
+    model_name: str
+    device: torch.device
+    fast_path: FastPath
+    settings: dict[str, Any]
+    batch_size: int
+
+
+def _pipeline_block(setup, model, step_model, optimizer, images, labels, generator, track_grad_norms: bool) -> float:
+    start = _sync_time(setup.device)
+    train_epoch(
+        step_model, optimizer, images, labels, setup.batch_size, generator, setup.fast_path.precision,
+        augment=setup.settings["augment"], channels_last=setup.fast_path.channels_last,
+        track_grad_norms=track_grad_norms, progress_label=f"bench {setup.model_name}",
+    )
+    return _sync_time(setup.device) - start
+
+
+def _reference_block(setup, model, optimizer, images, labels, steps: int, warmup: int, seed: int) -> float:
+    # A typical tutorial leaves cudnn.benchmark at its default (off).
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        loader = reference.make_loader(
+            images, labels, setup.batch_size, setup.device, train=True, seed=seed,
+            num_samples=(warmup + steps) * setup.batch_size,
+        )
+        # Each block starts its own workers; the warm-up steps absorb their start.
+        batches = iter(loader)
+        reference.train_batches(model, optimizer, batches, setup.device, warmup)
+        start = _sync_time(setup.device)
+        reference.train_batches(model, optimizer, batches, setup.device, steps)
+        seconds = _sync_time(setup.device) - start
+        del batches
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+    return seconds
+
+
+def _grad_norm_seconds(params: list[torch.Tensor], device: torch.device, repeats: int = 30) -> float:
+    """Return the median time of one step's gradient-norm bookkeeping on the current gradients."""
+    norm_sum = torch.zeros(len(params), device=device)
+    norm_max = torch.zeros(len(params), device=device)
+    accumulate_grad_norms(params, norm_sum, norm_max)
+    seconds = []
+    for _ in range(repeats):
+        start = _sync_time(device)
+        accumulate_grad_norms(params, norm_sum, norm_max)
+        seconds.append(_sync_time(device) - start)
+    return _median(seconds)
+
+
+def _block_steps(args: argparse.Namespace, step_seconds: float, max_steps: int | None = None) -> int:
+    """Return the steps of one timed block: --steps, or enough for --block-seconds at ``step_seconds`` a step."""
+    steps = args.steps or max(MIN_STEPS, math.ceil(args.block_seconds / step_seconds))
+    return min(steps, max_steps) if max_steps else steps
+
+
+def measure_speed(setup: SpeedSetup, data: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, Any]:
+    """Time the pipeline loop (with and without gradient norms) and the reference loop for one model."""
+    device, batch_size, warmup = setup.device, setup.batch_size, args.warmup
+    args_of_model = model_args(setup.model_name, setup.settings)
+    seed = setup.settings["seed"]
+
+    # The pipeline: uint8 images on the device, the run's fast path and optimizer.
+    torch.manual_seed(seed)
+    model, step_model = place_model(build_model(setup.model_name, **args_of_model), device, setup.fast_path)
+    optimizer = make_optimizer(model, setup.settings)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    all_images, all_labels = data["train_images"].to(device), data["train_labels"].to(device)
+    warm = slice(0, max(warmup, 1) * batch_size)
+    for track in (True, False):
+        _pipeline_block(setup, model, step_model, optimizer, all_images[warm], all_labels[warm], generator, track)
+    # A second, timed warm-up block sizes the timed blocks.
+    step_s = _pipeline_block(setup, model, step_model, optimizer, all_images[warm], all_labels[warm], generator, True)
+    pipeline_steps = _block_steps(args, step_s / max(warmup, 1), len(all_labels) // batch_size)
+    images, labels = all_images[: pipeline_steps * batch_size], all_labels[: pipeline_steps * batch_size]
+
+    # The reference: its own fp32 copy of the same initial weights, default AdamW.
+    torch.manual_seed(seed)
+    ref_model = build_model(setup.model_name, **args_of_model).to(device)
+    ref_optimizer = reference.make_optimizer(ref_model, setup.settings["lr"], setup.settings["weight_decay"])
+    ref_args = (setup, ref_model, ref_optimizer, data["train_images"], data["train_labels"])
+    calibration_steps = args.steps or 2
+    reference_steps = _block_steps(args, _reference_block(*ref_args, calibration_steps, warmup, seed) / calibration_steps)
+
+    load_start = os.getloadavg()[0]
+    pipeline_s, no_norms_s, reference_s = [], [], []
+    for repeat in range(args.repeats):
+        pipeline_s.append(_pipeline_block(setup, model, step_model, optimizer, images, labels, generator, True))
+        no_norms_s.append(_pipeline_block(setup, model, step_model, optimizer, images, labels, generator, False))
+        reference_s.append(_reference_block(*ref_args, reference_steps, warmup, seed + 1 + repeat))
+    load_end = os.getloadavg()[0]
+
+    # The last pipeline block left its gradients in place; time the bookkeeping on them.
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm_s = _grad_norm_seconds(params, device)
+
+    pipeline_rate = pipeline_steps * batch_size / _median(pipeline_s)
+    no_norms_rate = pipeline_steps * batch_size / _median(no_norms_s)
+    reference_rate = reference_steps * batch_size / _median(reference_s)
+    return {
+        "pipeline_img_per_s": pipeline_rate,
+        "reference_img_per_s": reference_rate,
+        "speedup": pipeline_rate / reference_rate,
+        "pipeline_epoch_s": FULL_EPOCH_IMAGES / pipeline_rate,
+        "reference_epoch_s": FULL_EPOCH_IMAGES / reference_rate,
+        # The fastest repeat of each loop: what the machine gives with the least load from other processes.
+        "pipeline_img_per_s_best": pipeline_steps * batch_size / min(pipeline_s),
+        "reference_img_per_s_best": reference_steps * batch_size / min(reference_s),
+        "pipeline_no_grad_norms_img_per_s": no_norms_rate,
+        # Share of the training time that gradient-norm tracking adds, from the
+        # two pipeline loops (noisy under load) and from timing it alone.
+        "grad_norm_cost": 1 - pipeline_rate / no_norms_rate,
+        "grad_norm_cost_isolated": grad_norm_s * pipeline_rate / batch_size,
+        "pipeline_steps": pipeline_steps,
+        "reference_steps": reference_steps,
+        "load_avg_1min": [load_start, load_end],
+    }
+
+
+def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
+    for model_name in args.models:
+        batch_size = args.batch_size or load_study_settings(args.config, model_name)["batch_size"]
+        needed = (args.steps or MIN_STEPS) * batch_size
+        if needed > args.images:
+            raise ValueError(
+                f"blocks of {args.steps or MIN_STEPS} steps of {batch_size} images ({model_name}) need {needed} "
+                f"images but --images is {args.images}; raise --images or lower --steps"
+            )
+    data = load_images(args.data, args.root, args.images)
+    rows = []
+    for device in _devices(args.device):
+        sizes = tuple(args.matmul_sizes) if args.matmul_sizes else MATMUL_SIZES[device.type]
+        matmul_repeats = max(args.repeats, 3)
+        # Measured before and after the models, keeping the higher median, so
+        # that a burst of load during one measurement cannot inflate the matmul share.
+        matmul = {p: matmul_throughput(device, p, sizes, matmul_repeats) for p in DTYPES if _supports(device, p)}
+        device_rows = []
+        for model_name in args.models:
+            settings = load_study_settings(args.config, model_name)
+            fast_path = choose_fast_path(model_name, device, args.precision or settings["precision"], args.compile)
+            if args.channels_last != "auto":
+                fast_path = dataclasses.replace(fast_path, channels_last=args.channels_last == "on")
+            setup = SpeedSetup(model_name, device, fast_path, settings, args.batch_size or settings["batch_size"])
+            flops, _ = count_train_flops(model_name, model_args(model_name, settings), setup.batch_size)
+            result = measure_speed(setup, data, args)
+            device_rows.append((setup, flops, result))
+            if not args.json:
+                print(f"measured {model_name} on {device}", file=sys.stderr)
+        for precision in matmul:
+            again = matmul_throughput(device, precision, sizes, matmul_repeats)
+            matmul[precision] = {n: max(matmul[precision][n], again[n]) for n in sizes}
+
+        for setup, flops, result in device_rows:
+            peak = max(matmul[setup.fast_path.precision].values())
+            train_flop_per_s = flops * result["pipeline_img_per_s"] / setup.batch_size
+            row = {
+                "model": setup.model_name,
+                "device": device.type,
+                "precision": setup.fast_path.precision,
+                "pipeline_img_per_s": result["pipeline_img_per_s"],
+                "reference_img_per_s": result["reference_img_per_s"],
+                "speedup": result["speedup"],
+                "matmul_share": train_flop_per_s / peak,
+                "device_name": describe_device(device),
+                "threads": torch.get_num_threads() if device.type == "cpu" else None,
+                "batch_size": setup.batch_size,
+                "channels_last": setup.fast_path.channels_last,
+                "compile": setup.fast_path.compile,
+                "flops_per_step": flops,
+                "train_flop_per_s": train_flop_per_s,
+                "matmul_flop_per_s": peak,
+                "matmul_flop_per_s_by_size": {str(n): v for n, v in matmul[setup.fast_path.precision].items()},
+                **{k: v for k, v in result.items() if k not in ("pipeline_img_per_s", "reference_img_per_s", "speedup")},
+                "warmup_steps": args.warmup,
+                "repeats": args.repeats,
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+            }
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+        if not args.json:
+            _print_speed_table(device, matmul, [r for r in rows if r["device"] == device.type], args)
+    return rows
+
+
+def _print_speed_table(device: torch.device, matmul: dict[str, dict[int, float]], rows: list[dict], args) -> None:
+    print(f"\n{describe_device(device)}; torch {torch.__version__}, torchvision {torchvision.__version__}"
+          + (f"; {torch.get_num_threads()} threads" if device.type == "cpu" else ""))
+    for precision, by_size in matmul.items():
+        sizes = ", ".join(f"{n}: {v / 1e9:.0f}" for n, v in by_size.items())
+        print(f"matmul {precision}: {max(by_size.values()) / 1e9:.0f} GFLOP/s (by size {sizes})")
+    steps = ", ".join(f"{row['model']} {row['pipeline_steps']}/{row['reference_steps']}" for row in rows)
+    print(f"steps of {rows[0]['batch_size'] if rows else '?'} images per repeat (pipeline/reference): {steps}; "
+          f"median of {args.repeats} repeats, {args.warmup} warm-up steps before each")
+    header = (f"{'model':<10}{'precision':>10}{'pipeline img/s':>16}{'reference img/s':>17}{'speedup':>9}"
+              f"{'epoch s pipe/ref':>19}{'GFLOP/step':>12}{'matmul share':>14}{'grad-norm cost':>16}{'load':>11}")
+    print(header)
+    for row in rows:
+        epoch = f"{row['pipeline_epoch_s']:.0f}/{row['reference_epoch_s']:.0f}"
+        cost = f"{row['grad_norm_cost']:+.1%} ({row['grad_norm_cost_isolated']:.1%})"
+        load = "/".join(f"{v:.1f}" for v in row["load_avg_1min"])
+        print(f"{row['model']:<10}{row['precision']:>10}{row['pipeline_img_per_s']:>16.0f}"
+              f"{row['reference_img_per_s']:>17.0f}{row['speedup']:>8.2f}x{epoch:>19}"
+              f"{row['flops_per_step'] / 1e9:>12.1f}{row['matmul_share']:>14.0%}{cost:>16}{load:>11}")
+    print("grad-norm cost: with vs without tracking in the pipeline loop (tracking timed alone); "
+          "load: 1-minute load average before/after")
+
+
+def _devices(requested: list[str] | None) -> list[torch.device]:
+    if requested:
+        return [torch.device(name) for name in requested]
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    return devices
+
+
+def _supports(device: torch.device, precision: str) -> bool:
+    if precision == "fp32":
+        return True
+    try:
+        choose_fast_path("mlp", device, "bf16")
+    except ValueError:
+        return False
+    return True
+
+
+# Overheads --------------------------------------------------------------------
+
+
+# Run by ``overheads`` as a fresh interpreter: it imports what ``python -m
+# cifar_study.train`` imports, notes the time, then runs the startup probe.
+STARTUP_SCRIPT = (
+    "import json, os, sys, time\n"
+    "import cifar_study.train\n"
+    "imported = json.dumps([time.time(), sum(os.times()[:2])])\n"
+    "from cifar_study.bench import main\n"
+    "sys.exit(main(['startup-probe', '--imported-at', imported, *sys.argv[1:]]))\n"
+)
+
+
+def _mark() -> tuple[float, float]:
+    """Return the wall-clock time and the CPU seconds (user + system, all threads) of this process."""
+    return time.time(), sum(os.times()[:2])
+
+
+def startup_probe(args: argparse.Namespace) -> None:
+    """Do what a training job does before its first step, then one step, and print the time of each phase.
+
+    Each mark is (wall-clock seconds since the epoch, CPU seconds of this
+    process), so that ``overheads`` can subtract its spawn time.
+    """
+    marks = {"imports": json.loads(args.imported_at)}
+    settings = load_study_settings(args.config, args.probe_model)
+    device = _devices(args.device)[0]
+    fast_path = choose_fast_path(args.probe_model, device, settings["precision"], settings["compile"])
+    torch.manual_seed(settings["seed"])
+    model = build_model(args.probe_model, **model_args(args.probe_model, settings))
+    data = load_prepared(args.data, device)
+    marks["data_and_model"] = _mark()
+
+    model, step_model = place_model(model, device, fast_path)
+    optimizer = make_optimizer(model, settings)
+    generator = torch.Generator(device=device).manual_seed(settings["seed"])
+    batch = settings["batch_size"]
+    train_epoch(
+        step_model, optimizer, data["train_images"][:batch], data["train_labels"][:batch], batch, generator,
+        fast_path.precision, augment=settings["augment"], channels_last=fast_path.channels_last,
+    )
+    marks["first_step"] = _mark()
+    print(json.dumps(marks))
+
+
+def _time_job_start(args: argparse.Namespace, model_name: str) -> dict[str, dict[str, float]]:
+    """Return the median wall and CPU seconds from process start to the end of each startup phase."""
+    command = [sys.executable, "-c", STARTUP_SCRIPT, "--data", args.data, "--probe-model", model_name,
+               "--config", args.config]
+    if args.device:
+        command += ["--device", args.device[0]]
+    phases = []
+    for _ in range(args.repeats):
+        spawned = time.time()
+        process = subprocess.run(command, capture_output=True, text=True)
+        if process.returncode != 0:
+            raise RuntimeError(f"startup probe of {model_name} failed:\n{process.stderr[-2000:]}")
+        marks = json.loads(process.stdout.strip().splitlines()[-1])
+        phases.append({name: (wall - spawned, cpu) for name, (wall, cpu) in marks.items()})
+    return {
+        name: {"wall_s": _median([p[name][0] for p in phases]), "cpu_s": _median([p[name][1] for p in phases])}
+        for name in phases[0]
+    }
+
+
+def _time_dry_run(args: argparse.Namespace) -> dict[str, float]:
+    """Return the median wall and CPU seconds of ``snakemake -n`` on the config, after one untimed run."""
+    workdir = Path(args.config).resolve().parent
+    # --nolock keeps the dry run from touching the locks of a workflow running in the same folder.
+    command = [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--nolock",
+               "--configfile", Path(args.config).name]
+    wall, cpu = [], []
+    for attempt in range(args.repeats + 1):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        process = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if process.returncode != 0:
+            raise RuntimeError(f"snakemake -n failed in {workdir}:\n{process.stderr[-2000:]}")
+        if attempt:  # the first run fills the file system cache
+            wall.append(elapsed)
+            cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return {"wall_s": _median(wall), "cpu_s": _median(cpu)}
+
+
+def run_overheads(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.data:
+        raise DataError("overheads needs --data, the prepared file that a training job loads")
+    load_start = os.getloadavg()[0]
+    result: dict[str, Any] = {
+        "job_start": {model_name: _time_job_start(args, model_name) for model_name in args.models},
+        "snakemake_dry_run": _time_dry_run(args),
+        "repeats": args.repeats,
+        "data": args.data,
+    }
+    result["load_avg_1min"] = [load_start, os.getloadavg()[0]]
+
+    if args.json:
+        print(json.dumps(result))
+        return result
+    print("seconds from process start to the end of each phase, wall (CPU)")
+    print(f"  {'model':<12}{'imports':>16}{'data + model':>16}{'first step':>16}")
+    for model_name, phases in result["job_start"].items():
+        cells = "".join(f"{phases[name]['wall_s']:>9.2f} ({phases[name]['cpu_s']:.2f})"
+                        for name in ("imports", "data_and_model", "first_step"))
+        print(f"  {model_name:<12}{cells}")
+    dry_run = result["snakemake_dry_run"]
+    print(f"snakemake -n on {Path(args.config).name}: {dry_run['wall_s']:.2f} s wall ({dry_run['cpu_s']:.2f} s CPU), "
+          f"median of {args.repeats}; load average {result['load_avg_1min'][0]:.1f} to {result['load_avg_1min'][1]:.1f}")
+    return result
+
+
+# Accuracy -------------------------------------------------------------------
+
+
+def _train_pipeline(model_name, settings, data, device, precision: str, epochs: int, seed: int) -> float:
+    fast_path = choose_fast_path(model_name, device, precision)
+    torch.manual_seed(seed)
+    model, step_model = place_model(build_model(model_name, **model_args(model_name, settings)), device, fast_path)
+    optimizer = make_optimizer(model, settings)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    train_images, train_labels = data["train_images"].to(device), data["train_labels"].to(device)
+    val_images, val_labels = data["val_images"].to(device), data["val_labels"].to(device)
+    for _ in range(epochs):
+        train_epoch(step_model, optimizer, train_images, train_labels, settings["batch_size"], generator,
+                    fast_path.precision, augment=settings["augment"], channels_last=fast_path.channels_last,
+                    track_grad_norms=True)
+    return evaluate(step_model, val_images, val_labels, settings["eval_batch_size"], fast_path.precision,
+                    fast_path.channels_last).acc
+
+
+def _train_reference(model_name, settings, data, device, epochs: int, seed: int) -> float:
+    torch.manual_seed(seed)
+    model = build_model(model_name, **model_args(model_name, settings)).to(device)
+    optimizer = reference.make_optimizer(model, settings["lr"], settings["weight_decay"])
+    batch = settings["batch_size"]
+    for epoch in range(epochs):
+        loader = reference.make_loader(data["train_images"], data["train_labels"], batch, device, train=True,
+                                       seed=seed + epoch)
+        reference.train_batches(model, optimizer, iter(loader), device, len(loader))
+    val_loader = reference.make_loader(data["val_images"], data["val_labels"], settings["eval_batch_size"], device,
+                                       train=False, seed=seed)
+    return reference.evaluate(model, val_loader, device)[1]
+
+
+def run_accuracy(args: argparse.Namespace) -> list[dict[str, Any]]:
+    preset = ACCURACY_PRESETS[args.preset]
+    data = load_images(args.data, args.root, preset["train_images"], preset["val_images"])
+    device = _devices(args.device)[0]
+    rows = []
+    for model_name in args.models:
+        settings = load_study_settings(args.config, model_name)
+        for seed in args.seeds:
+            start = time.perf_counter()
+            fast_precision = choose_fast_path(model_name, device, args.precision or settings["precision"]).precision
+            row = {
+                "model": model_name,
+                "device": device.type,
+                "preset": args.preset,
+                "seed": seed,
+                "epochs": preset["epochs"],
+                "train_images": preset["train_images"],
+                "val_images": preset["val_images"],
+                "fast_precision": fast_precision,
+                "fast_val_acc": _train_pipeline(model_name, settings, data, device, fast_precision, preset["epochs"], seed),
+                "pipeline_fp32_val_acc": _train_pipeline(model_name, settings, data, device, "fp32", preset["epochs"], seed),
+                "reference_val_acc": _train_reference(model_name, settings, data, device, preset["epochs"], seed),
+            }
+            row["seconds"] = time.perf_counter() - start
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(f"{model_name:<10} seed {seed:<4} val_acc fast ({fast_precision}) {row['fast_val_acc']:.4f}  "
+                      f"pipeline fp32 {row['pipeline_fp32_val_acc']:.4f}  reference fp32 {row['reference_val_acc']:.4f}  "
+                      f"({row['seconds']:.0f} s)", flush=True)
+    return rows
+
+
+# GPU estimate ------------------------------------------------------------------
+
+
+class _OpCounter(TorchDispatchMode):
+    """Count the aten operators dispatched while active, a proxy for GPU kernel launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_step_ops(model_name: str, args: dict[str, Any], settings: dict[str, Any]) -> float:
+    """Return the aten operators one pipeline training step dispatches, counted on the CPU.
+
+    Augmentation, autocast casts, forward, backward, gradient norms and the
+    optimizer are all included. Two epochs of 2 and 4 tiny steps are counted
+    and their difference halved, so per-epoch work (the shuffle, the final
+    host sync) drops out. The count does not depend on the batch size.
+    """
+    fast_path = choose_fast_path(model_name, torch.device("cpu"), settings["precision"])
+    model = build_model(model_name, **args)
+    optimizer = make_optimizer(model, settings)
+    generator = torch.Generator().manual_seed(0)
+    batch = 2
+    counts = []
+    for steps in (2, 4):
+        images = torch.zeros(steps * batch, 3, 32, 32, dtype=torch.uint8)
+        labels = torch.zeros(steps * batch, dtype=torch.int64)
+        counter = _OpCounter()
+        with counter:
+            train_epoch(model, optimizer, images, labels, batch, generator, fast_path.precision,
+                        augment=settings["augment"], channels_last=fast_path.channels_last)
+        counts.append(counter.count)
+    return (counts[1] - counts[0]) / 2
+
+
+def run_gpu_estimate(args: argparse.Namespace) -> dict[str, Any]:
+    """Estimate the GPU time of every run of the study from its FLOPs and operator count per step.
+
+    A step takes the longer of two times: its FLOPs at ``--gpu-share`` of the
+    GPU's peak, and its dispatched operators at ``--op-overhead-us`` each,
+    the host-side cost that bounds small models in eager mode. Evaluation
+    adds the forward FLOPs of the validation set every epoch and of the test
+    set once. Runs with early stopping are taken to last ``--early-stop-epochs``
+    epochs, capped at their maximum.
+    """
+    from cifar_study.config import build_study
+
+    study = build_study(yaml.safe_load(Path(args.config).read_text()))
+    achieved = args.gpu_peak_tflops * 1e12 * args.gpu_share
+    val_images, test_images = 5_000, 10_000
+    counts: dict[str, tuple[int, int, float]] = {}
+    runs = []
+    for run in study.runs.values():
+        settings = run.settings
+        batch = settings["batch_size"]
+        arguments = model_args(run.model, settings)
+        # Runs that differ only in training hyperparameters share their counts.
+        key = json.dumps([run.model, arguments, settings["optimizer"], batch], sort_keys=True)
+        if key not in counts:
+            counts[key] = (*count_train_flops(run.model, arguments, batch), count_step_ops(run.model, arguments, settings))
+        train_flops, forward_flops, ops = counts[key]
+        epochs = settings["epochs"]
+        if settings["early_stopping_patience"] is not None:
+            epochs = min(epochs, args.early_stop_epochs)
+        steps = math.ceil(FULL_EPOCH_IMAGES / batch)
+        compute_s = train_flops / achieved
+        host_s = ops * args.op_overhead_us / 1e6
+        step_s = max(compute_s, host_s)
+        eval_s = forward_flops / batch * (val_images * epochs + test_images) / achieved
+        seconds = steps * epochs * step_s + eval_s + args.job_overhead_s
+        runs.append({
+            "run_id": run.run_id, "model": run.model, "epochs": epochs, "gflops_per_step": train_flops / 1e9,
+            "ops_per_step": ops, "compute_ms": compute_s * 1e3, "host_ms": host_s * 1e3,
+            "step_ms": step_s * 1e3, "seconds": seconds,
+        })
+    total = sum(r["seconds"] for r in runs)
+    result = {"runs": runs, "total_hours": total / 3600, "assumptions": {
+        "gpu_peak_tflops": args.gpu_peak_tflops, "gpu_share": args.gpu_share, "op_overhead_us": args.op_overhead_us,
+        "early_stop_epochs": args.early_stop_epochs, "job_overhead_s": args.job_overhead_s}}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        width = max(len(r["run_id"]) for r in runs) + 2
+        print(f"{'run':<{width}}{'epochs':>7}{'GFLOP/step':>12}{'ops/step':>10}{'compute ms':>12}"
+              f"{'host ms':>9}{'minutes':>9}")
+        for r in runs:
+            print(f"{r['run_id']:<{width}}{r['epochs']:>7}{r['gflops_per_step']:>12.1f}{r['ops_per_step']:>10.0f}"
+                  f"{r['compute_ms']:>12.2f}{r['host_ms']:>9.2f}{r['seconds'] / 60:>9.1f}")
+        print(f"total: {total / 3600:.2f} GPU-hours for {len(runs)} runs, one at a time (an estimate; "
+              f"{args.gpu_share:.0%} of {args.gpu_peak_tflops:.0f} TFLOP/s, {args.op_overhead_us:g} us per operator)")
+    return result
+
+
+# Command line ----------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark the training fast path of cifar_study against a tutorial-style loop.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("Modes:", 1)[1],
+    )
+    parser.add_argument("mode", nargs="?", default="speed", choices=MODES, help="what to measure (default: speed)")
+    parser.add_argument("--data", help="prepared data file (results/data/cifar10.pt)")
+    parser.add_argument("--root", help="CIFAR-10 image folder with train/<class>/*.jpg, used when --data is not given")
+    parser.add_argument("--config", default="config.yaml", help="study config whose defaults set the runs (default: config.yaml)")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to measure (default: all)")
+    parser.add_argument("--device", nargs="+", help="devices to measure on (default: the CPU, and CUDA when present)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per line instead of tables")
+
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--images", type=int, default=5120, help="real training images to load (default: 5120)")
+    speed.add_argument("--steps", type=int, help="timed training steps per repeat (default: set by --block-seconds)")
+    speed.add_argument("--block-seconds", type=float, default=4.0,
+                       help=f"target length of a timed block, at least {MIN_STEPS} steps, when --steps is not given "
+                            f"(default: 4)")
+    speed.add_argument("--batch-size", type=int, help="images per step (default: the config's batch_size, 128)")
+    speed.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement (default: 2)")
+    speed.add_argument("--repeats", type=int, default=5, help="repeats whose median is reported (default: 5)")
+    speed.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="override the config's precision setting")
+    speed.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
+                       help="override the fast path's memory format (default: auto, the pipeline's choice)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the pipeline's model")
+    speed.add_argument("--matmul-sizes", type=int, nargs="+", help="matmul sizes (default: 2048 4096 on CPU, 4096 8192 on CUDA)")
+
+    accuracy = parser.add_argument_group("accuracy")
+    accuracy.add_argument("--preset", choices=list(ACCURACY_PRESETS), default="quick",
+                          help="subset size and epochs: " + "; ".join(
+                              f"{k}: {v['train_images']} train, {v['val_images']} val, {v['epochs']} epochs"
+                              for k, v in ACCURACY_PRESETS.items()))
+    accuracy.add_argument("--seeds", type=int, nargs="+", default=[42], help="training seeds (default: 42)")
+
+    estimate = parser.add_argument_group("gpu-estimate")
+    estimate.add_argument("--gpu-peak-tflops", type=float, default=989.0,
+                          help="dense bf16 peak of the GPU in TFLOP/s (default: 989, H100/H200 SXM)")
+    estimate.add_argument("--gpu-share", type=float, default=0.10,
+                          help="assumed share of the peak that matmuls and convolutions reach at batch 128 (default: 0.10)")
+    estimate.add_argument("--op-overhead-us", type=float, default=8.0,
+                          help="assumed host time per dispatched operator in eager mode, in microseconds (default: 8)")
+    estimate.add_argument("--early-stop-epochs", type=int, default=100,
+                          help="epochs assumed for runs with early stopping (default: 100, their cap)")
+    estimate.add_argument("--job-overhead-s", type=float, default=15.0,
+                          help="assumed seconds per job for start-up, CUDA initialisation and writing files (default: 15)")
+
+    # Arguments of the startup probe that ``overheads`` runs in a fresh process.
+    parser.add_argument("--probe-model", default="resnet18", help=argparse.SUPPRESS)
+    parser.add_argument("--imported-at", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.data is None and args.root is None and args.mode in ("speed", "accuracy"):
+        default = Path("results/data/cifar10.pt")
+        if default.is_file():
+            args.data = str(default)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.mode == "speed":
+            run_speed(args)
+        elif args.mode == "overheads":
+            run_overheads(args)
+        elif args.mode == "accuracy":
+            run_accuracy(args)
+        elif args.mode == "gpu-estimate":
+            run_gpu_estimate(args)
+        else:
+            startup_probe(args)
+    except (DataError, FileNotFoundError, ValueError) as error:
+        print(f"bench {args.mode} failed: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

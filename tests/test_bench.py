@@ -1,0 +1,83 @@
+"""The benchmark script in a tiny mode, on real CIFAR-10 images; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SPEED_KEYS = {
+    "model", "device", "precision", "pipeline_img_per_s", "reference_img_per_s", "speedup", "matmul_share",
+}
+
+
+def run_bench(*args: str, timeout: float = 300) -> list[dict]:
+    command = [sys.executable, "-m", "cifar_study.bench", *args, "--config", str(REPO / "config.yaml"),
+               "--threads", "1", "--json"]
+    process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert process.returncode == 0, process.stderr[-4000:]
+    return [json.loads(line) for line in process.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def speed_rows(prepared_small):
+    return run_bench(
+        "speed", "--data", str(prepared_small), "--device", "cpu", "--images", "64", "--batch-size", "16",
+        "--steps", "2", "--warmup", "1", "--repeats", "1", "--matmul-sizes", "256",
+    )
+
+
+def test_speed_one_row_per_model(speed_rows):
+    assert [row["model"] for row in speed_rows] == ["mlp", "resnet18", "mlpmixer"]
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_speed_row_keys_and_values(speed_rows, index):
+    row = speed_rows[index]
+    assert SPEED_KEYS <= set(row)
+    assert row["device"] == "cpu"
+    assert row["precision"] in ("bf16", "fp32")
+    for key in ("pipeline_img_per_s", "reference_img_per_s", "speedup", "matmul_share"):
+        assert isinstance(row[key], float), key
+        assert math.isfinite(row[key]), (key, row[key])
+        assert row[key] > 0, (key, row[key])
+    assert row["speedup"] == pytest.approx(row["pipeline_img_per_s"] / row["reference_img_per_s"])
+    assert row["batch_size"] == 16
+    assert row["flops_per_step"] > 0
+
+
+def test_speed_flops_follow_model_size(speed_rows):
+    flops = {row["model"]: row["flops_per_step"] for row in speed_rows}
+    assert flops["mlp"] < flops["mlpmixer"] < flops["resnet18"]
+
+
+def test_speed_rejects_too_few_images(prepared_small):
+    command = [sys.executable, "-m", "cifar_study.bench", "--data", str(prepared_small), "--models", "mlp",
+               "--images", "16", "--batch-size", "16", "--steps", "2", "--config", str(REPO / "config.yaml")]
+    process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    assert "raise --images" in process.stderr
+
+
+def test_accuracy_tiny_preset(prepared_small):
+    rows = run_bench("accuracy", "--preset", "tiny", "--data", str(prepared_small), "--device", "cpu",
+                     "--models", "mlp")
+    assert len(rows) == 1
+    for key in ("fast_val_acc", "pipeline_fp32_val_acc", "reference_val_acc"):
+        assert 0.0 <= rows[0][key] <= 1.0, key
+
+
+def test_gpu_estimate_covers_every_run():
+    from cifar_study.config import build_study
+    import yaml
+
+    rows = run_bench("gpu-estimate")
+    assert len(rows) == 1
+    study = build_study(yaml.safe_load((REPO / "config.yaml").read_text()))
+    assert {run["run_id"] for run in rows[0]["runs"]} == set(study.runs)
+    assert rows[0]["total_hours"] > 0
