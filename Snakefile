@@ -5,6 +5,7 @@
 #   snakemake --cores all --configfile presets/quick.yaml   # CPU scale
 #   snakemake --cores all results/figures/mlp_activation_curves.pdf
 
+import hashlib
 import json
 import os
 import re

@@ -25,6 +25,7 @@ rule curves:
     log:
         "results/logs/figures/{experiment}_curves.log",
     params:
+        code_digest=AGGREGATION_CODE_DIGEST,
         sweep_keys=lambda wildcards: STUDY.experiments[wildcards.experiment].sweep_keys,
         title=lambda wildcards: STUDY.experiments[wildcards.experiment].title,
     localrule: True
@@ -52,6 +53,7 @@ if REPORT.kernels_experiment:
         log:
             "results/logs/figures/conv1_kernels.log",
         params:
+            code_digest=AGGREGATION_CODE_DIGEST,
             experiment=REPORT.kernels_experiment,
             sweep_keys=STUDY.experiments[REPORT.kernels_experiment].sweep_keys,
         localrule: True
@@ -79,6 +81,7 @@ if REPORT.token_mixing_experiment:
         log:
             "results/logs/figures/token_mixing.log",
         params:
+            code_digest=AGGREGATION_CODE_DIGEST,
             experiment=REPORT.token_mixing_experiment,
             sweep_keys=STUDY.experiments[REPORT.token_mixing_experiment].sweep_keys,
         localrule: True
@@ -107,6 +110,7 @@ rule gradient_flow:
     wildcard_constraints:
         model="|".join(REPORT.gradient_flow),
     params:
+        code_digest=AGGREGATION_CODE_DIGEST,
         # The best run of the model's first experiment; the figure title names it.
         experiment=lambda wildcards: REPORT.gradient_flow[wildcards.model],
         sweep_keys=lambda wildcards: STUDY.experiments[REPORT.gradient_flow[wildcards.model]].sweep_keys,

@@ -5,11 +5,15 @@
 
 # The parts of the configuration the report reads; data.root and resources
 # stay out, so pointing the pipeline at another copy of the data reruns nothing.
-# Key order stays as written: it is the order of experiments in the report.
+# Mappings are written with sorted keys, so that reordering the config file
+# reruns nothing, except experiments, whose order is the report's order.
 REPORT_CONFIG = json.dumps(
     {
-        "data": {key: value for key, value in config["data"].items() if key not in ("root", "download")},
-        **{key: config.get(key) for key in ("defaults", "models", "experiments", "report")},
+        "data": sorted_mapping({k: v for k, v in config["data"].items() if k not in ("root", "download")}),
+        "defaults": sorted_mapping(config.get("defaults")),
+        "models": sorted_mapping(config.get("models")),
+        "experiments": {eid: sorted_mapping(spec) for eid, spec in config["experiments"].items()},
+        "report": sorted_mapping(config.get("report")),
     }
 )
 
@@ -33,6 +37,7 @@ rule experiment_table:
     log:
         "results/logs/tables/{experiment}.log",
     params:
+        code_digest=AGGREGATION_CODE_DIGEST,
         sweep_keys=lambda wildcards: STUDY.experiments[wildcards.experiment].sweep_keys,
     localrule: True
     conda:
@@ -59,6 +64,7 @@ rule runs_table:
     log:
         "results/logs/tables/all_runs.log",
     params:
+        code_digest=AGGREGATION_CODE_DIGEST,
         # A function, so that braces in titles are not read as wildcards.
         experiments=lambda wildcards: json.dumps(
             [{"id": e.experiment_id, "title": e.title, "run_ids": list(e.run_ids)} for e in STUDY.experiments.values()]
@@ -82,6 +88,7 @@ rule report_numbers:
     log:
         "results/logs/report/numbers.log",
     params:
+        code_digest=AGGREGATION_CODE_DIGEST,
         # A function, so that braces in titles are not read as wildcards.
         config=lambda wildcards: REPORT_CONFIG,
     localrule: True
@@ -103,6 +110,7 @@ rule report_fragments:
     log:
         "results/logs/report/fragments.log",
     params:
+        code_digest=AGGREGATION_CODE_DIGEST,
         # A function, so that braces in titles are not read as wildcards.
         config=lambda wildcards: REPORT_CONFIG,
     localrule: True
@@ -124,6 +132,8 @@ rule report:
         report("results/report/report.pdf", caption="../../report/captions/report.rst", category="Report"),
     log:
         "results/logs/report/latexmk.log",
+    params:
+        code_digest=AGGREGATION_CODE_DIGEST,
     localrule: True
     conda:
         "../../environment.yml"
