@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cifar_study.config import IMAGE_SIZE, ConfigError, Study, build_study
+from cifar_study.config import load_config as load_config_files
 
 log = logging.getLogger(__name__)
 
@@ -838,26 +839,11 @@ def build_pdf(source_dir: str | Path, workdir: str | Path, main: str = "report.t
 # Command line
 
 
-def _deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_config(args: argparse.Namespace) -> dict[str, Any]:
     """Return the configuration given as ``--config-json`` or as ``--configfile`` YAML files merged in order."""
     if args.config_json:
         return json.loads(args.config_json)
-    import yaml
-
-    config: dict[str, Any] = {}
-    for path in args.configfile:
-        config = _deep_merge(config, yaml.safe_load(Path(path).read_text()) or {})
-    return config
+    return load_config_files(*args.configfile)
 
 
 def _numbers_command(args: argparse.Namespace) -> None:
