@@ -49,6 +49,9 @@ def test_speed_row_keys_and_values(speed_rows, index):
     assert row["speedup"] == pytest.approx(row["pipeline_img_per_s"] / row["reference_img_per_s"])
     assert row["batch_size"] == 16
     assert row["flops_per_step"] > 0
+    assert row["matmul_share_paired"] > 0
+    assert row["other_load"] >= 0
+    assert math.isfinite(row["grad_norm_cost"])
 
 
 def test_speed_flops_follow_model_size(speed_rows):
@@ -81,3 +84,20 @@ def test_gpu_estimate_covers_every_run():
     study = build_study(yaml.safe_load((REPO / "config.yaml").read_text()))
     assert {run["run_id"] for run in rows[0]["runs"]} == set(study.runs)
     assert rows[0]["total_hours"] > 0
+
+
+def test_gpu_estimate_shared_jobs_bound():
+    one_job = run_bench("gpu-estimate")[0]
+    four_jobs = run_bench("gpu-estimate", "--jobs", "4")[0]
+    assert one_job["shared_wall_hours"] == pytest.approx(one_job["total_hours"])
+    assert four_jobs["total_hours"] == pytest.approx(one_job["total_hours"])
+    assert four_jobs["shared_wall_hours"] < four_jobs["total_hours"]
+    assert four_jobs["shared_wall_hours"] >= four_jobs["gpu_compute_hours"]
+
+
+def test_gpu_estimate_rejects_zero_jobs():
+    command = [sys.executable, "-m", "cifar_study.bench", "gpu-estimate", "--jobs", "0",
+               "--config", str(REPO / "config.yaml")]
+    process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    assert "--jobs must be at least 1, got 0" in process.stderr

@@ -84,6 +84,25 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else math.nan
 
 
+def _cpu_seconds() -> tuple[float, float, float]:
+    """Return the wall time, the busy CPU seconds of the whole machine and those of this process and its reaped children."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except OSError:  # not Linux: the load of other processes stays unknown
+        return time.perf_counter(), math.nan, sum(os.times()[:4])
+    # user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+    busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+    own = sum(os.times()[:4])
+    return time.perf_counter(), busy, own
+
+
+def _other_load(start: tuple[float, float, float]) -> float:
+    """Return the mean number of CPUs that other processes kept busy since ``start``, from /proc/stat."""
+    wall, busy, own = _cpu_seconds()
+    return max(0.0, (busy - start[1]) - (own - start[2])) / (wall - start[0])
+
+
 # Data ---------------------------------------------------------------------
 
 
@@ -219,6 +238,7 @@ class SpeedSetup:
     fast_path: FastPath
     settings: dict[str, Any]
     batch_size: int
+    flops_per_step: int
 
 
 def _pipeline_block(setup, model, step_model, optimizer, images, labels, generator, track_grad_norms: bool) -> float:
@@ -299,13 +319,23 @@ def measure_speed(setup: SpeedSetup, data: dict[str, torch.Tensor], args: argpar
     calibration_steps = args.steps or 2
     reference_steps = _block_steps(args, _reference_block(*ref_args, calibration_steps, warmup, seed) / calibration_steps)
 
-    load_start = os.getloadavg()[0]
-    pipeline_s, no_norms_s, reference_s = [], [], []
+    # Each repeat also times a matmul, so that the training FLOP/s can be
+    # compared with a matmul measured under the same load from other processes.
+    matmul_size = min(args.matmul_sizes or MATMUL_SIZES[device.type])
+    cpu_start = _cpu_seconds()
+    pipeline_s, no_norms_s, reference_s, matmul_flop_per_s = [], [], [], []
     for repeat in range(args.repeats):
-        pipeline_s.append(_pipeline_block(setup, model, step_model, optimizer, images, labels, generator, True))
-        no_norms_s.append(_pipeline_block(setup, model, step_model, optimizer, images, labels, generator, False))
         reference_s.append(_reference_block(*ref_args, reference_steps, warmup, seed + 1 + repeat))
-    load_end = os.getloadavg()[0]
+
+        # Untimed steps bring the pipeline's weights back into the caches and
+        # let the reference's loader workers exit. The two pipeline blocks
+        # then swap order every repeat, so that neither always comes first.
+        _pipeline_block(setup, model, step_model, optimizer, all_images[warm], all_labels[warm], generator, True)
+        for track in (True, False) if repeat % 2 == 0 else (False, True):
+            seconds = _pipeline_block(setup, model, step_model, optimizer, images, labels, generator, track)
+            (pipeline_s if track else no_norms_s).append(seconds)
+        matmul_flop_per_s.append(matmul_throughput(device, setup.fast_path.precision, (matmul_size,), 3)[matmul_size])
+    other_load = _other_load(cpu_start)
 
     # The last pipeline block left its gradients in place; time the bookkeeping on them.
     params = [p for p in model.parameters() if p.requires_grad]
@@ -325,12 +355,18 @@ def measure_speed(setup: SpeedSetup, data: dict[str, torch.Tensor], args: argpar
         "reference_img_per_s_best": reference_steps * batch_size / min(reference_s),
         "pipeline_no_grad_norms_img_per_s": no_norms_rate,
         # Share of the training time that gradient-norm tracking adds, from the
-        # two pipeline loops (noisy under load) and from timing it alone.
-        "grad_norm_cost": 1 - pipeline_rate / no_norms_rate,
+        # two pipeline loops, paired within each repeat, and from timing it alone.
+        "grad_norm_cost": _median([with_norms / without - 1 for with_norms, without in zip(pipeline_s, no_norms_s)]),
         "grad_norm_cost_isolated": grad_norm_s * pipeline_rate / batch_size,
+        # Median over repeats of the training FLOP/s over the matmul FLOP/s of the same repeat.
+        "matmul_share_paired": _median([
+            setup.flops_per_step * pipeline_steps / seconds / flop_per_s
+            for seconds, flop_per_s in zip(pipeline_s, matmul_flop_per_s)
+        ]),
         "pipeline_steps": pipeline_steps,
         "reference_steps": reference_steps,
-        "load_avg_1min": [load_start, load_end],
+        # CPUs kept busy by other processes during the timed repeats; 0 on an idle machine.
+        "other_load": other_load,
     }
 
 
@@ -357,8 +393,9 @@ def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
             fast_path = choose_fast_path(model_name, device, args.precision or settings["precision"], args.compile)
             if args.channels_last != "auto":
                 fast_path = dataclasses.replace(fast_path, channels_last=args.channels_last == "on")
-            setup = SpeedSetup(model_name, device, fast_path, settings, args.batch_size or settings["batch_size"])
-            flops, _ = count_train_flops(model_name, model_args(model_name, settings), setup.batch_size)
+            batch_size = args.batch_size or settings["batch_size"]
+            flops, _ = count_train_flops(model_name, model_args(model_name, settings), batch_size)
+            setup = SpeedSetup(model_name, device, fast_path, settings, batch_size, flops)
             result = measure_speed(setup, data, args)
             device_rows.append((setup, flops, result))
             if not args.json:
@@ -387,6 +424,7 @@ def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "train_flop_per_s": train_flop_per_s,
                 "matmul_flop_per_s": peak,
                 "matmul_flop_per_s_by_size": {str(n): v for n, v in matmul[setup.fast_path.precision].items()},
+                "matmul_flop_per_s_by_precision": {p: max(by_size.values()) for p, by_size in matmul.items()},
                 **{k: v for k, v in result.items() if k not in ("pipeline_img_per_s", "reference_img_per_s", "speedup")},
                 "warmup_steps": args.warmup,
                 "repeats": args.repeats,
@@ -411,17 +449,19 @@ def _print_speed_table(device: torch.device, matmul: dict[str, dict[int, float]]
     print(f"steps of {rows[0]['batch_size'] if rows else '?'} images per repeat (pipeline/reference): {steps}; "
           f"median of {args.repeats} repeats, {args.warmup} warm-up steps before each")
     header = (f"{'model':<10}{'precision':>10}{'pipeline img/s':>16}{'reference img/s':>17}{'speedup':>9}"
-              f"{'epoch s pipe/ref':>19}{'GFLOP/step':>12}{'matmul share':>14}{'grad-norm cost':>16}{'load':>11}")
+              f"{'epoch s pipe/ref':>19}{'GFLOP/step':>12}{'matmul share':>19}{'grad-norm cost':>16}{'other load':>12}")
     print(header)
     for row in rows:
         epoch = f"{row['pipeline_epoch_s']:.0f}/{row['reference_epoch_s']:.0f}"
         cost = f"{row['grad_norm_cost']:+.1%} ({row['grad_norm_cost_isolated']:.1%})"
-        load = "/".join(f"{v:.1f}" for v in row["load_avg_1min"])
+        share = f"{row['matmul_share']:.0%} ({row['matmul_share_paired']:.0%})"
+        load = f"{row['other_load']:.2f}"
         print(f"{row['model']:<10}{row['precision']:>10}{row['pipeline_img_per_s']:>16.0f}"
               f"{row['reference_img_per_s']:>17.0f}{row['speedup']:>8.2f}x{epoch:>19}"
-              f"{row['flops_per_step'] / 1e9:>12.1f}{row['matmul_share']:>14.0%}{cost:>16}{load:>11}")
-    print("grad-norm cost: with vs without tracking in the pipeline loop (tracking timed alone); "
-          "load: 1-minute load average before/after")
+              f"{row['flops_per_step'] / 1e9:>12.1f}{share:>19}{cost:>16}{load:>12}")
+    print("matmul share: of the best matmul throughput (paired with a matmul in each repeat); "
+          "grad-norm cost: with vs without tracking in the pipeline loop (tracking timed alone); "
+          "other load: CPUs kept busy by other processes")
 
 
 def _devices(requested: list[str] | None) -> list[torch.device]:
@@ -533,14 +573,14 @@ def _time_dry_run(args: argparse.Namespace) -> dict[str, float]:
 def run_overheads(args: argparse.Namespace) -> dict[str, Any]:
     if not args.data:
         raise DataError("overheads needs --data, the prepared file that a training job loads")
-    load_start = os.getloadavg()[0]
+    cpu_start = _cpu_seconds()
     result: dict[str, Any] = {
         "job_start": {model_name: _time_job_start(args, model_name) for model_name in args.models},
         "snakemake_dry_run": _time_dry_run(args),
         "repeats": args.repeats,
         "data": args.data,
     }
-    result["load_avg_1min"] = [load_start, os.getloadavg()[0]]
+    result["other_load"] = _other_load(cpu_start)
 
     if args.json:
         print(json.dumps(result))
@@ -553,7 +593,7 @@ def run_overheads(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  {model_name:<12}{cells}")
     dry_run = result["snakemake_dry_run"]
     print(f"snakemake -n on {Path(args.config).name}: {dry_run['wall_s']:.2f} s wall ({dry_run['cpu_s']:.2f} s CPU), "
-          f"median of {args.repeats}; load average {result['load_avg_1min'][0]:.1f} to {result['load_avg_1min'][1]:.1f}")
+          f"median of {args.repeats}; other processes kept {result['other_load']:.2f} CPUs busy")
     return result
 
 
@@ -672,10 +712,13 @@ def run_gpu_estimate(args: argparse.Namespace) -> dict[str, Any]:
     the host-side cost that bounds small models in eager mode. Evaluation
     adds the forward FLOPs of the validation set every epoch and of the test
     set once. Runs with early stopping are taken to last ``--early-stop-epochs``
-    epochs, capped at their maximum.
+    epochs, capped at their maximum. Besides the one-at-a-time total it gives
+    a lower bound on the wall time of ``--jobs`` runs sharing the GPU.
     """
     from cifar_study.config import build_study
 
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     study = build_study(yaml.safe_load(Path(args.config).read_text()))
     achieved = args.gpu_peak_tflops * 1e12 * args.gpu_share
     val_images, test_images = 5_000, 10_000
@@ -702,12 +745,21 @@ def run_gpu_estimate(args: argparse.Namespace) -> dict[str, Any]:
         runs.append({
             "run_id": run.run_id, "model": run.model, "epochs": epochs, "gflops_per_step": train_flops / 1e9,
             "ops_per_step": ops, "compute_ms": compute_s * 1e3, "host_ms": host_s * 1e3,
-            "step_ms": step_s * 1e3, "seconds": seconds,
+            "step_ms": step_s * 1e3, "gpu_seconds": steps * epochs * compute_s + eval_s, "seconds": seconds,
         })
     total = sum(r["seconds"] for r in runs)
-    result = {"runs": runs, "total_hours": total / 3600, "assumptions": {
-        "gpu_peak_tflops": args.gpu_peak_tflops, "gpu_share": args.gpu_share, "op_overhead_us": args.op_overhead_us,
-        "early_stop_epochs": args.early_stop_epochs, "job_overhead_s": args.job_overhead_s}}
+
+    # With --jobs runs sharing the GPU, each job's host work and start-up run
+    # on CPU cores of their own, but the GPU's compute is still done one
+    # kernel stream after another. The wall time is then at least the summed
+    # GPU compute and at least the serial total spread over the jobs.
+    gpu_total = sum(r["gpu_seconds"] for r in runs)
+    shared_wall = max(gpu_total, total / args.jobs)
+    result = {"runs": runs, "total_hours": total / 3600, "gpu_compute_hours": gpu_total / 3600,
+              "shared_wall_hours": shared_wall / 3600, "assumptions": {
+                  "gpu_peak_tflops": args.gpu_peak_tflops, "gpu_share": args.gpu_share,
+                  "op_overhead_us": args.op_overhead_us, "early_stop_epochs": args.early_stop_epochs,
+                  "job_overhead_s": args.job_overhead_s, "jobs": args.jobs}}
     if args.json:
         print(json.dumps(result))
     else:
@@ -717,7 +769,8 @@ def run_gpu_estimate(args: argparse.Namespace) -> dict[str, Any]:
         for r in runs:
             print(f"{r['run_id']:<{width}}{r['epochs']:>7}{r['gflops_per_step']:>12.1f}{r['ops_per_step']:>10.0f}"
                   f"{r['compute_ms']:>12.2f}{r['host_ms']:>9.2f}{r['seconds'] / 60:>9.1f}")
-        print(f"total: {total / 3600:.2f} GPU-hours for {len(runs)} runs, one at a time (an estimate; "
+        print(f"total: {total / 60:.1f} minutes for {len(runs)} runs one at a time, {gpu_total / 60:.1f} of them "
+              f"GPU compute; {shared_wall / 60:.1f} minutes with {args.jobs} jobs sharing the GPU (an estimate; "
               f"{args.gpu_share:.0%} of {args.gpu_peak_tflops:.0f} TFLOP/s, {args.op_overhead_us:g} us per operator)")
     return result
 
@@ -773,6 +826,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                           help="epochs assumed for runs with early stopping (default: 100, their cap)")
     estimate.add_argument("--job-overhead-s", type=float, default=15.0,
                           help="assumed seconds per job for start-up, CUDA initialisation and writing files (default: 15)")
+    estimate.add_argument("--jobs", type=int, default=1,
+                          help="training jobs sharing the one GPU, as with --resources gpu=N on a one-GPU machine "
+                               "(default: 1)")
 
     # Arguments of the startup probe that ``overheads`` runs in a fresh process.
     parser.add_argument("--probe-model", default="resnet18", help=argparse.SUPPRESS)
