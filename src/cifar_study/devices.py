@@ -40,7 +40,7 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 
 # Models that train in channels_last (NHWC) memory format. cuDNN's tensor-core
 # convolutions work in NHWC. On 2 cores of an AVX512-BF16 CPU (torch 2.14)
-# ResNet18 trained 7-11% and MLP-Mixer 3-23% faster in bf16 with it
+# ResNet18 trained 7-16% and MLP-Mixer 3-23% faster in bf16 with it
 # (BENCHMARKS.md). For MLP-Mixer it makes the patch embedding's flatten and
 # transpose a view instead of a copy.
 CHANNELS_LAST_MODELS = frozenset({"resnet18", "mlpmixer"})
