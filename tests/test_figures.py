@@ -241,6 +241,18 @@ def test_kernels_reject_wrong_model(tmp_path):
         figures.plot_conv1_kernels([run_dir], tmp_path / "k.pdf", tmp_path / "k.png")
 
 
+def test_kernels_reject_damaged_checkpoint(tmp_path):
+    run_dir = write_run(tmp_path / "r", "resnet18", "resnet18", RESNET, best_val_acc=0.5)
+    model_file = run_dir / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+
+    with pytest.raises(ValueError, match="cannot read model weights") as error:
+        figures.plot_conv1_kernels([run_dir], tmp_path / "k.pdf", tmp_path / "k.png")
+    assert "delete the run folder" in str(error.value)
+    assert str(model_file) in str(error.value)
+    assert not (tmp_path / "k.pdf").exists()
+
+
 def test_token_mixing_tiles_on_patch_grid():
     weight = np.stack([np.arange(16.0), -np.arange(16.0), np.zeros(16)])
     tiles = figures.token_mixing_tiles(weight)

@@ -251,7 +251,17 @@ def load_state_dict(run_dir: str | Path) -> dict[str, Any]:
     """Load ``model.pt`` of a run on the CPU."""
     import torch  # Deferred: only the weight figures need torch, and it takes over a second to import.
 
-    return torch.load(run_folder(run_dir) / "model.pt", map_location="cpu", weights_only=True)
+    path = run_folder(run_dir) / "model.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch raises several types for a damaged file
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(
+            f"cannot read model weights {path}; delete the run folder {path.parent} and run snakemake again "
+            f"to retrain the run (torch: {reason})"
+        ) from error
 
 
 def get_weight(state: dict[str, Any], name: str, run_dir: str | Path) -> np.ndarray:
