@@ -95,9 +95,20 @@ def test_gpu_estimate_shared_jobs_bound():
     assert four_jobs["shared_wall_hours"] >= four_jobs["gpu_compute_hours"]
 
 
-def test_gpu_estimate_rejects_zero_jobs():
-    command = [sys.executable, "-m", "cifar_study.bench", "gpu-estimate", "--jobs", "0",
+@pytest.mark.parametrize("option, value, expected", [
+    ("--jobs", "0", "expected a positive integer, got '0'"),
+    ("--repeats", "0", "expected a positive integer, got '0'"),
+    ("--steps", "-3", "expected a positive integer, got '-3'"),
+    ("--batch-size", "0", "expected a positive integer, got '0'"),
+    ("--warmup", "-1", "expected an integer of 0 or more, got '-1'"),
+    ("--block-seconds", "0", "expected a positive number, got '0'"),
+    ("--gpu-share", "1.5", "expected a share in (0, 1], got '1.5'"),
+    ("--threads", "two", "expected a positive integer, got 'two'"),
+    ("--op-overhead-us", "nan", "expected a number of 0 or more, got 'nan'"),
+])
+def test_bench_rejects_invalid_option(option, value, expected):
+    command = [sys.executable, "-m", "cifar_study.bench", "gpu-estimate", option, value,
                "--config", str(REPO / "config.yaml")]
     process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert process.returncode == 1
-    assert "--jobs must be at least 1, got 0" in process.stderr
+    assert process.returncode == 2
+    assert f"argument {option}: {expected}" in process.stderr

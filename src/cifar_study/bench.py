@@ -717,8 +717,6 @@ def run_gpu_estimate(args: argparse.Namespace) -> dict[str, Any]:
     """
     from cifar_study.config import build_study
 
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
     study = build_study(yaml.safe_load(Path(args.config).read_text()))
     achieved = args.gpu_peak_tflops * 1e12 * args.gpu_share
     val_images, test_images = 5_000, 10_000
@@ -778,6 +776,34 @@ def run_gpu_estimate(args: argparse.Namespace) -> dict[str, Any]:
 # Command line ----------------------------------------------------------------
 
 
+def _number_type(convert, low: float, inclusive: bool, description: str):
+    """Return an argparse type that converts a value and rejects it below ``low`` (or at it, unless ``inclusive``)."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
+        if value < low or (value == low and not inclusive) or not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number_type(int, 1, True, "a positive integer")
+NON_NEGATIVE_INT = _number_type(int, 0, True, "an integer of 0 or more")
+POSITIVE_FLOAT = _number_type(float, 0.0, False, "a positive number")
+NON_NEGATIVE_FLOAT = _number_type(float, 0.0, True, "a number of 0 or more")
+
+
+def _share(text: str) -> float:
+    value = POSITIVE_FLOAT(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark the training fast path of cifar_study against a tutorial-style loop.",
@@ -790,23 +816,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", default="config.yaml", help="study config whose defaults set the runs (default: config.yaml)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to measure (default: all)")
     parser.add_argument("--device", nargs="+", help="devices to measure on (default: the CPU, and CUDA when present)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=POSITIVE_INT, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line instead of tables")
 
     speed = parser.add_argument_group("speed")
-    speed.add_argument("--images", type=int, default=5120, help="real training images to load (default: 5120)")
-    speed.add_argument("--steps", type=int, help="timed training steps per repeat (default: set by --block-seconds)")
-    speed.add_argument("--block-seconds", type=float, default=4.0,
+    speed.add_argument("--images", type=POSITIVE_INT, default=5120, help="real training images to load (default: 5120)")
+    speed.add_argument("--steps", type=POSITIVE_INT, help="timed training steps per repeat (default: set by --block-seconds)")
+    speed.add_argument("--block-seconds", type=POSITIVE_FLOAT, default=4.0,
                        help=f"target length of a timed block, at least {MIN_STEPS} steps, when --steps is not given "
                             f"(default: 4)")
-    speed.add_argument("--batch-size", type=int, help="images per step (default: the config's batch_size, 128)")
-    speed.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement (default: 2)")
-    speed.add_argument("--repeats", type=int, default=5, help="repeats whose median is reported (default: 5)")
+    speed.add_argument("--batch-size", type=POSITIVE_INT, help="images per step (default: the config's batch_size, 128)")
+    speed.add_argument("--warmup", type=NON_NEGATIVE_INT, default=2, help="untimed steps before each measurement (default: 2)")
+    speed.add_argument("--repeats", type=POSITIVE_INT, default=5, help="repeats whose median is reported (default: 5)")
     speed.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="override the config's precision setting")
     speed.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                        help="override the fast path's memory format (default: auto, the pipeline's choice)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the pipeline's model")
-    speed.add_argument("--matmul-sizes", type=int, nargs="+", help="matmul sizes (default: 2048 4096 on CPU, 4096 8192 on CUDA)")
+    speed.add_argument("--matmul-sizes", type=POSITIVE_INT, nargs="+", help="matmul sizes (default: 2048 4096 on CPU, 4096 8192 on CUDA)")
 
     accuracy = parser.add_argument_group("accuracy")
     accuracy.add_argument("--preset", choices=list(ACCURACY_PRESETS), default="quick",
@@ -816,17 +842,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     accuracy.add_argument("--seeds", type=int, nargs="+", default=[42], help="training seeds (default: 42)")
 
     estimate = parser.add_argument_group("gpu-estimate")
-    estimate.add_argument("--gpu-peak-tflops", type=float, default=989.0,
+    estimate.add_argument("--gpu-peak-tflops", type=POSITIVE_FLOAT, default=989.0,
                           help="dense bf16 peak of the GPU in TFLOP/s (default: 989, H100/H200 SXM)")
-    estimate.add_argument("--gpu-share", type=float, default=0.10,
+    estimate.add_argument("--gpu-share", type=_share, default=0.10,
                           help="assumed share of the peak that matmuls and convolutions reach at batch 128 (default: 0.10)")
-    estimate.add_argument("--op-overhead-us", type=float, default=8.0,
+    estimate.add_argument("--op-overhead-us", type=NON_NEGATIVE_FLOAT, default=8.0,
                           help="assumed host time per dispatched operator in eager mode, in microseconds (default: 8)")
-    estimate.add_argument("--early-stop-epochs", type=int, default=100,
+    estimate.add_argument("--early-stop-epochs", type=POSITIVE_INT, default=100,
                           help="epochs assumed for runs with early stopping (default: 100, their cap)")
-    estimate.add_argument("--job-overhead-s", type=float, default=15.0,
+    estimate.add_argument("--job-overhead-s", type=NON_NEGATIVE_FLOAT, default=15.0,
                           help="assumed seconds per job for start-up, CUDA initialisation and writing files (default: 15)")
-    estimate.add_argument("--jobs", type=int, default=1,
+    estimate.add_argument("--jobs", type=POSITIVE_INT, default=1,
                           help="training jobs sharing the one GPU, as with --resources gpu=N on a one-GPU machine "
                                "(default: 1)")
 
