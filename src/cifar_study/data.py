@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cifar_study.io import torch_save, write_json
+from cifar_study.io import torch_load, torch_save, write_json
 
 log = logging.getLogger("cifar_study.data")
 
@@ -267,13 +267,9 @@ def load_prepared(path: str | Path, device: str | torch.device = "cpu") -> dict[
     path = Path(path)
     if not path.is_file():
         raise DataError(f"prepared data {str(path)!r} not found; run `snakemake results/data/cifar10.pt` first")
-    try:
-        data = torch.load(path, map_location=device, weights_only=True)
-    except Exception as error:  # torch raises several types for a damaged file
-        reason = str(error).strip().splitlines()[0]
-        raise DataError(
-            f"cannot load prepared data {path}; delete it and run the prepare_data rule again (torch: {reason})"
-        ) from error
+    data = torch_load(
+        path, DataError, f"cannot load prepared data {path}; delete it and run the prepare_data rule again", device
+    )
     for split in ("train", "val", "test"):
         images = data.get(f"{split}_images")
         if images is None or images.dtype != torch.uint8 or tuple(images.shape[1:]) != IMAGE_SHAPE:

@@ -39,6 +39,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
+from cifar_study.io import torch_load  # noqa: E402
 from cifar_study.tables import (  # noqa: E402
     best_run,
     format_value,
@@ -249,19 +250,12 @@ def plot_learning_curves(
 
 def load_state_dict(run_dir: str | Path) -> dict[str, Any]:
     """Load ``model.pt`` of a run on the CPU."""
-    import torch  # Deferred: only the weight figures need torch, and it takes over a second to import.
-
     path = run_folder(run_dir) / "model.pt"
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # torch raises several types for a damaged file
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(
-            f"cannot read model weights {path}; delete the run folder {path.parent} and run snakemake again "
-            f"to retrain the run (torch: {reason})"
-        ) from error
+    # torch_load imports torch on first use, because only the weight figures need it and the import takes over a second.
+    return torch_load(
+        path, ValueError,
+        f"cannot read model weights {path}; delete the run folder {path.parent} and run snakemake again to retrain the run",
+    )
 
 
 def get_weight(state: dict[str, Any], name: str, run_dir: str | Path) -> np.ndarray:

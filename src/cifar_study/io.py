@@ -63,3 +63,20 @@ def torch_save(path: str | os.PathLike, obj: Any) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def torch_load(path: str | os.PathLike, error_type: type[Exception], message: str, map_location: Any = "cpu") -> Any:
+    """Load a file written by ``torch_save`` with ``weights_only=True``.
+
+    A damaged file raises ``error_type`` with ``message`` and torch's reason
+    appended. A missing file raises FileNotFoundError, as in ``torch.load``.
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch raises several types for a damaged file
+        reason = str(error).strip().splitlines()[0]
+        raise error_type(f"{message} (torch: {reason})") from error

@@ -42,7 +42,7 @@ from cifar_study.config import (
 from cifar_study.data import DataError, load_prepared
 from cifar_study.devices import choose_fast_path, place_model, select_device
 from cifar_study.engine import evaluate, train_epoch
-from cifar_study.io import torch_save, write_csv, write_json
+from cifar_study.io import torch_load, torch_save, write_csv, write_json
 from cifar_study.models import build_model, count_parameters
 
 log = logging.getLogger("cifar_study.train")
@@ -97,13 +97,9 @@ def load_resume_checkpoint(path: Path, settings: dict[str, Any], data_digest: st
     """Return the resume checkpoint at ``path`` if it was made for these settings and data."""
     if not path.exists():
         return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for a damaged file
-        reason = str(error).strip().splitlines()[0]
-        raise CheckpointError(
-            f"cannot read resume checkpoint {path}; delete it to train this run from scratch (torch: {reason})"
-        ) from error
+    checkpoint = torch_load(
+        path, CheckpointError, f"cannot read resume checkpoint {path}; delete it to train this run from scratch"
+    )
     if checkpoint.get("settings") != json.loads(json.dumps(settings)) or checkpoint.get("data_digest") != data_digest:
         log.warning("ignoring resume checkpoint %s: it was made with other settings or data", path)
         return None
