@@ -46,11 +46,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torchvision
-import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from cifar_study import reference
+from cifar_study.config import load_config
 from cifar_study.data import CLASSES, DataError, _decode_files, load_prepared
 from cifar_study.devices import FastPath, choose_fast_path, place_model
 from cifar_study.engine import accumulate_grad_norms, evaluate, train_epoch
@@ -172,12 +172,16 @@ def _read_folder_subset(root: Path, train_count: int, val_count: int) -> dict[st
     return subset
 
 
+def read_study_config(config_path: str) -> dict[str, Any]:
+    """Read the study config at ``config_path``, or raise FileNotFoundError naming it."""
+    if not Path(config_path).is_file():
+        raise FileNotFoundError(f"config {config_path!r} not found; run from the repository root or pass --config")
+    return load_config(config_path)
+
+
 def load_study_settings(config_path: str, model_name: str) -> dict[str, Any]:
     """Return the default settings of ``model_name`` in the study config: training defaults plus model defaults."""
-    path = Path(config_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config {config_path!r} not found; run from the repository root or pass --config")
-    config = yaml.safe_load(path.read_text())
+    config = read_study_config(config_path)
     return {**config["defaults"], **config["models"][model_name]}
 
 
@@ -717,7 +721,7 @@ def run_gpu_estimate(args: argparse.Namespace) -> dict[str, Any]:
     """
     from cifar_study.config import build_study
 
-    study = build_study(yaml.safe_load(Path(args.config).read_text()))
+    study = build_study(read_study_config(args.config))
     achieved = args.gpu_peak_tflops * 1e12 * args.gpu_share
     val_images, test_images = 5_000, 10_000
     counts: dict[str, tuple[int, int, float]] = {}
