@@ -781,7 +781,7 @@ def run_gpu_estimate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _number_type(convert, low: float, inclusive: bool, description: str):
-    """Return an argparse type that converts a value and rejects it below ``low`` (or at it, unless ``inclusive``)."""
+    """Return an argparse type that converts a value and rejects it if it is not finite, below ``low``, or equal to ``low`` without ``inclusive``."""
 
     def parse(text: str):
         try:
