@@ -75,6 +75,39 @@ def test_accuracy_tiny_preset(prepared_small):
         assert 0.0 <= rows[0][key] <= 1.0, key
 
 
+def test_profile_splits_the_step(prepared_small):
+    rows = run_bench("profile", "--data", str(prepared_small), "--device", "cpu", "--models", "mlp", "resnet18",
+                     "--batch-size", "16", "--steps", "2", "--warmup", "1", "--matmul-sizes", "256")
+    assert [row["model"] for row in rows] == ["mlp", "resnet18"]
+    for row in rows:
+        shares = row["group_shares"]
+        assert sum(shares.values()) == pytest.approx(1.0)
+        assert shares["matmul and convolution"] > 0.05, shares
+        assert shares["optimizer"] > 0, shares
+        assert shares["gradient norms"] > 0, shares
+        # The kernels alone are faster than the whole step they are part of.
+        assert row["kernel_matmul_share"] > row["step_matmul_share"] > 0
+    assert rows[1]["group_shares"]["normalisation"] > 0
+
+
+@pytest.mark.parametrize("name, group", [
+    ("aten::mkldnn_convolution", "matmul and convolution"),
+    ("aten::convolution_backward", "matmul and convolution"),
+    ("aten::addmm", "matmul and convolution"),
+    ("aten::native_batch_norm_backward", "normalisation"),
+    ("aten::gelu_backward", "activations"),
+    ("aten::_foreach_norm", "gradient norms"),
+    ("aten::_fused_adamw_", "optimizer"),
+    ("aten::_to_copy", "copies and casts"),
+    ("aten::grid_sampler_2d", "augmentation"),
+    ("aten::add_", "other"),
+])
+def test_operator_groups(name, group):
+    from cifar_study.bench import operator_group
+
+    assert operator_group(name) == group
+
+
 def test_gpu_estimate_covers_every_run():
     from cifar_study.config import build_study
     import yaml

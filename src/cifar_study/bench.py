@@ -4,6 +4,7 @@
     python -m cifar_study.bench --root data/cifar10 --json              # the same, from an image folder
     python -m cifar_study.bench overheads --data results/data/cifar10.pt
     python -m cifar_study.bench accuracy --preset quick --data results/data/cifar10.pt
+    python -m cifar_study.bench profile --data results/data/cifar10.pt --models resnet18
     python -m cifar_study.bench gpu-estimate
 
 Modes:
@@ -19,6 +20,13 @@ Modes:
   accuracy         Train each model with the fast path, with the pipeline in fp32
                    and with the reference loop, at the same seed and epochs on a
                    small real subset, and compare validation accuracy.
+  profile          Profile pipeline training steps with torch.profiler and split
+                   their time into operator groups (matmuls and convolutions,
+                   normalisation, activations, copies, optimizer, ...). The
+                   training FLOPs over the time of the matmul and convolution
+                   kernels alone give the share of the measured matmul
+                   throughput that the step would reach if nothing else took
+                   time: the ceiling of the speed mode's matmul share.
   gpu-estimate     Estimate the wall time of the study of config.yaml on one GPU
                    from FLOPs per step and an assumed share of the GPU's peak.
 
@@ -57,7 +65,7 @@ from cifar_study.engine import accumulate_grad_norms, evaluate, train_epoch
 from cifar_study.models import MODELS, build_model
 from cifar_study.train import describe_device, make_optimizer
 
-MODES = ("speed", "overheads", "accuracy", "gpu-estimate", "startup-probe")
+MODES = ("speed", "overheads", "accuracy", "profile", "gpu-estimate", "startup-probe")
 FULL_EPOCH_IMAGES = 45_000
 MATMUL_SIZES = {"cpu": (2048, 4096), "cuda": (4096, 8192)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -777,6 +785,95 @@ def run_gpu_estimate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# Profile --------------------------------------------------------------------
+
+# Operator groups of the profile, tried in order: an operator joins the first
+# group with a pattern in its name. Groups add up self time, so a composite
+# operator (aten::linear, aten::convolution) and the kernels it calls count once.
+OPERATOR_GROUPS = (
+    ("gradient norms", ("_foreach_norm", "linalg_vector_norm")),
+    ("matmul and convolution", ("conv", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
+    ("normalisation", ("batch_norm", "layer_norm")),
+    ("activations", ("relu", "threshold_backward", "gelu", "sigmoid", "tanh", "clamp_min")),
+    ("optimizer", ("adam", "sgd", "Optimizer")),
+    ("augmentation", ("grid_sampler", "index_select", "aten::flip", "aten::where")),
+    ("copies and casts", ("copy_", "_to_copy", "clone", "contiguous")),
+)
+
+
+def operator_group(name: str) -> str:
+    """Return the group of the profiled operator ``name``, or "other"."""
+    for group, patterns in OPERATOR_GROUPS:
+        if any(pattern in name for pattern in patterns):
+            return group
+    return "other"
+
+
+def run_profile(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = args.steps or 10
+    rows = []
+    for device in _devices(args.device):
+        sizes = tuple(args.matmul_sizes) if args.matmul_sizes else MATMUL_SIZES[device.type]
+        for model_name in args.models:
+            settings = load_study_settings(args.config, model_name)
+            fast_path = choose_fast_path(model_name, device, args.precision or settings["precision"], args.compile)
+            batch_size = args.batch_size or settings["batch_size"]
+            data = load_images(args.data, args.root, (max(args.warmup, 1) + steps) * batch_size)
+            images, labels = data["train_images"].to(device), data["train_labels"].to(device)
+            torch.manual_seed(settings["seed"])
+            model, step_model = place_model(build_model(model_name, **model_args(model_name, settings)), device, fast_path)
+            optimizer = make_optimizer(model, settings)
+            generator = torch.Generator(device=device).manual_seed(settings["seed"])
+            setup = SpeedSetup(model_name, device, fast_path, settings, batch_size, 0)
+            warm = max(args.warmup, 1) * batch_size
+            _pipeline_block(setup, model, step_model, optimizer, images[:warm], labels[:warm], generator, True)
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as profiler:
+                seconds = _pipeline_block(setup, model, step_model, optimizer, images[warm:], labels[warm:],
+                                          generator, True)
+            # On CUDA the kernels' device time is what bounds the step; on the CPU it is the operators' own time.
+            attribute = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            groups = {group: 0.0 for group, _ in OPERATOR_GROUPS} | {"other": 0.0}
+            for event in profiler.key_averages():
+                groups[operator_group(event.key)] += getattr(event, attribute) / 1e6
+            total = sum(groups.values())
+
+            flops, _ = count_train_flops(model_name, model_args(model_name, settings), batch_size)
+            peak = max(matmul_throughput(device, fast_path.precision, sizes, 3).values())
+            kernel_seconds = groups["matmul and convolution"]
+            row = {
+                "model": model_name,
+                "device": device.type,
+                "precision": fast_path.precision,
+                "steps": steps,
+                "step_seconds": seconds / steps,
+                "group_shares": {group: value / total for group, value in groups.items()},
+                "kernel_flop_per_s": flops * steps / kernel_seconds if kernel_seconds else math.nan,
+                "matmul_flop_per_s": peak,
+                "kernel_matmul_share": flops * steps / kernel_seconds / peak if kernel_seconds else math.nan,
+                "step_matmul_share": flops * steps / seconds / peak,
+            }
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                _print_profile(device, row)
+    return rows
+
+
+def _print_profile(device: torch.device, row: dict[str, Any]) -> None:
+    print(f"\n{row['model']} on {describe_device(device)}, {row['precision']}, {row['steps']} steps of "
+          f"{row['step_seconds'] * 1e3:.1f} ms (under the profiler)")
+    for group, share in sorted(row["group_shares"].items(), key=lambda item: -item[1]):
+        print(f"  {group:<24}{share:>7.1%}")
+    print(f"matmul and convolution kernels: {row['kernel_flop_per_s'] / 1e9:.0f} GFLOP/s, "
+          f"{row['kernel_matmul_share']:.0%} of the {row['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s square matmul; "
+          f"whole step {row['step_matmul_share']:.0%}")
+
+
 # Command line ----------------------------------------------------------------
 
 
@@ -823,9 +920,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=POSITIVE_INT, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line instead of tables")
 
-    speed = parser.add_argument_group("speed")
+    speed = parser.add_argument_group("speed and profile")
     speed.add_argument("--images", type=POSITIVE_INT, default=5120, help="real training images to load (default: 5120)")
-    speed.add_argument("--steps", type=POSITIVE_INT, help="timed training steps per repeat (default: set by --block-seconds)")
+    speed.add_argument("--steps", type=POSITIVE_INT, help="timed training steps per repeat (default: set by --block-seconds; profile: 10)")
     speed.add_argument("--block-seconds", type=POSITIVE_FLOAT, default=4.0,
                        help=f"target length of a timed block, at least {MIN_STEPS} steps, when --steps is not given "
                             f"(default: 4)")
@@ -864,7 +961,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-model", default="resnet18", help=argparse.SUPPRESS)
     parser.add_argument("--imported-at", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.data is None and args.root is None and args.mode in ("speed", "accuracy"):
+    if args.data is None and args.root is None and args.mode in ("speed", "accuracy", "profile"):
         default = Path("results/data/cifar10.pt")
         if default.is_file():
             args.data = str(default)
@@ -882,6 +979,8 @@ def main(argv: list[str] | None = None) -> int:
             run_overheads(args)
         elif args.mode == "accuracy":
             run_accuracy(args)
+        elif args.mode == "profile":
+            run_profile(args)
         elif args.mode == "gpu-estimate":
             run_gpu_estimate(args)
         else:
