@@ -108,6 +108,52 @@ def test_operator_groups(name, group):
     assert operator_group(name) == group
 
 
+def test_compare_runs_pairs_by_run_id(tmp_path):
+    from synthetic_runs import write_run
+
+    settings = {"hidden_sizes": [64, 32]}
+    for folder, accuracies in (("first", (0.40, 0.30, 0.50)), ("second", (0.38, 0.31, None))):
+        for run_id, accuracy in zip(("mlp", "mlp__lr=0.1", "mlp__lr=0.01"), accuracies):
+            if accuracy is not None:
+                write_run(tmp_path / folder / run_id, run_id, "mlp", settings, best_val_acc=accuracy)
+
+    rows = run_bench("compare-runs", "--runs", str(tmp_path / "first"), str(tmp_path / "second"))
+    runs = {row["run_id"]: row for row in rows if "run_id" in row}
+    assert sorted(runs) == ["mlp", "mlp__lr=0.1"]
+    assert runs["mlp"]["val_diff_points"] == pytest.approx(2.0)
+    assert runs["mlp__lr=0.1"]["val_diff_points"] == pytest.approx(-1.0)
+    summary = next(row for row in rows if "runs" in row)
+    assert summary["model"] == "mlp"
+    assert summary["runs"] == 2
+    assert summary["val_diff_points"]["mean"] == pytest.approx(0.5)
+    assert summary["val_diff_points"]["standard_error"] == pytest.approx(1.5)
+
+
+def test_compare_runs_rejects_disjoint_folders(tmp_path):
+    from synthetic_runs import write_run
+
+    write_run(tmp_path / "first" / "mlp", "mlp", "mlp", {"hidden_sizes": [64, 32]}, best_val_acc=0.4)
+    (tmp_path / "second").mkdir()
+    command = [sys.executable, "-m", "cifar_study.bench", "compare-runs",
+               "--runs", str(tmp_path / "first"), str(tmp_path / "second")]
+    process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    assert "no run id is in both" in process.stderr
+
+
+def test_compare_runs_names_damaged_run_json(tmp_path):
+    from synthetic_runs import write_run
+
+    for folder in ("first", "second"):
+        write_run(tmp_path / folder / "mlp", "mlp", "mlp", {"hidden_sizes": [64, 32]}, best_val_acc=0.4)
+    (tmp_path / "second" / "mlp" / "run.json").write_text('{"run_id": "mlp", ')
+    command = [sys.executable, "-m", "cifar_study.bench", "compare-runs",
+               "--runs", str(tmp_path / "first"), str(tmp_path / "second")]
+    process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    assert "second/mlp/run.json is not a valid run.json" in process.stderr
+
+
 def test_gpu_estimate_covers_every_run():
     from cifar_study.config import build_study
     import yaml

@@ -5,6 +5,7 @@
     python -m cifar_study.bench overheads --data results/data/cifar10.pt
     python -m cifar_study.bench accuracy --preset quick --data results/data/cifar10.pt
     python -m cifar_study.bench profile --data results/data/cifar10.pt --models resnet18
+    python -m cifar_study.bench compare-runs --runs bf16/results/runs fp32/results/runs
     python -m cifar_study.bench gpu-estimate
 
 Modes:
@@ -20,6 +21,10 @@ Modes:
   accuracy         Train each model with the fast path, with the pipeline in fp32
                    and with the reference loop, at the same seed and epochs on a
                    small real subset, and compare validation accuracy.
+  compare-runs     Pair the runs of two results folders by run id (for example
+                   the same preset trained with precision auto and fp32) and
+                   give the differences of their best validation and their test
+                   accuracy, per run and per model.
   profile          Profile pipeline training steps with torch.profiler and split
                    their time into operator groups (matmuls and convolutions,
                    normalisation, activations, copies, optimizer, ...). The
@@ -65,7 +70,7 @@ from cifar_study.engine import accumulate_grad_norms, evaluate, train_epoch
 from cifar_study.models import MODELS, build_model
 from cifar_study.train import describe_device, make_optimizer
 
-MODES = ("speed", "overheads", "accuracy", "profile", "gpu-estimate", "startup-probe")
+MODES = ("speed", "overheads", "accuracy", "compare-runs", "profile", "gpu-estimate", "startup-probe")
 FULL_EPOCH_IMAGES = 45_000
 MATMUL_SIZES = {"cpu": (2048, 4096), "cuda": (4096, 8192)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -785,6 +790,83 @@ def run_gpu_estimate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# Compare runs ---------------------------------------------------------------
+
+
+# Keys of run.json that the comparison reads.
+RUN_SUMMARY_KEYS = frozenset({"run_id", "model", "precision", "best_val_acc", "test_acc"})
+
+
+def read_run_summaries(runs_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Return the run.json of every finished run in ``runs_dir``, by run id."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise FileNotFoundError(f"runs folder {str(runs_dir)!r} not found; pass the results/runs folder of a finished study")
+    summaries = {}
+    for path in sorted(runs_dir.glob("*/run.json")):
+        try:
+            summary = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not a valid run.json ({error}); rerun that run or remove its folder") from None
+        missing = sorted(RUN_SUMMARY_KEYS - set(summary))
+        if missing:
+            raise ValueError(f"{path} is not a valid run.json (missing {', '.join(missing)}); "
+                             f"rerun that run or remove its folder")
+        summaries[summary["run_id"]] = summary
+    return summaries
+
+
+def run_compare_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    first, second = (read_run_summaries(folder) for folder in args.runs)
+    common = sorted(set(first) & set(second))
+    if not common:
+        raise ValueError(f"no run id is in both {args.runs[0]!r} and {args.runs[1]!r}; pass two runs folders of the same config")
+
+    rows = []
+    for run_id in common:
+        first_run, second_run = first[run_id], second[run_id]
+        rows.append({
+            "run_id": run_id,
+            "model": first_run["model"],
+            "precision": [first_run["precision"], second_run["precision"]],
+            "best_val_acc": [first_run["best_val_acc"], second_run["best_val_acc"]],
+            "test_acc": [first_run["test_acc"], second_run["test_acc"]],
+            "val_diff_points": 100 * (first_run["best_val_acc"] - second_run["best_val_acc"]),
+            "test_diff_points": 100 * (first_run["test_acc"] - second_run["test_acc"]),
+        })
+
+    summaries = []
+    for model in sorted({row["model"] for row in rows}):
+        model_rows = [row for row in rows if row["model"] == model]
+        summary = {"model": model, "runs": len(model_rows)}
+        for key in ("val_diff_points", "test_diff_points"):
+            values = [row[key] for row in model_rows]
+            standard_error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+            summary[key] = {"mean": statistics.fmean(values), "standard_error": standard_error,
+                            "min": min(values), "max": max(values)}
+        summaries.append(summary)
+
+    if args.json:
+        for row in rows + summaries:
+            print(json.dumps(row), flush=True)
+    else:
+        print(f"first: {args.runs[0]}\nsecond: {args.runs[1]}\n{len(common)} runs in both "
+              f"(first only: {len(set(first) - set(second))}, second only: {len(set(second) - set(first))})")
+        width = max(len(run_id) for run_id in common) + 2
+        print(f"{'run':<{width}}{'precision':>12}{'best val_acc %':>17}{'test_acc %':>14}")
+        for row in rows:
+            precision = "/".join(row["precision"])
+            val = "/".join(f"{100 * v:.1f}" for v in row["best_val_acc"])
+            test = "/".join(f"{100 * v:.1f}" for v in row["test_acc"])
+            print(f"{row['run_id']:<{width}}{precision:>12}{val:>17}{test:>14}")
+        print("first minus second, in points: mean +- standard error (min to max)")
+        for summary in summaries:
+            cells = [f"{name} {diff['mean']:+.1f} +- {diff['standard_error']:.1f} ({diff['min']:+.1f} to {diff['max']:+.1f})"
+                     for name, diff in (("val", summary["val_diff_points"]), ("test", summary["test_diff_points"]))]
+            print(f"  {summary['model']:<10}{summary['runs']:>3} runs  " + "   ".join(cells))
+    return rows + summaries
+
+
 # Profile --------------------------------------------------------------------
 
 # Operator groups of the profile, tried in order: an operator joins the first
@@ -942,6 +1024,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                               for k, v in ACCURACY_PRESETS.items()))
     accuracy.add_argument("--seeds", type=int, nargs="+", default=[42], help="training seeds (default: 42)")
 
+    compare = parser.add_argument_group("compare-runs")
+    compare.add_argument("--runs", nargs=2, metavar=("FIRST", "SECOND"),
+                         help="two results/runs folders whose runs are paired by run id")
+
     estimate = parser.add_argument_group("gpu-estimate")
     estimate.add_argument("--gpu-peak-tflops", type=POSITIVE_FLOAT, default=989.0,
                           help="dense bf16 peak of the GPU in TFLOP/s (default: 989, H100/H200 SXM)")
@@ -961,6 +1047,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--probe-model", default="resnet18", help=argparse.SUPPRESS)
     parser.add_argument("--imported-at", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.mode == "compare-runs" and not args.runs:
+        parser.error("compare-runs needs --runs FIRST SECOND, two results/runs folders")
     if args.data is None and args.root is None and args.mode in ("speed", "accuracy", "profile"):
         default = Path("results/data/cifar10.pt")
         if default.is_file():
@@ -979,6 +1067,8 @@ def main(argv: list[str] | None = None) -> int:
             run_overheads(args)
         elif args.mode == "accuracy":
             run_accuracy(args)
+        elif args.mode == "compare-runs":
+            run_compare_runs(args)
         elif args.mode == "profile":
             run_profile(args)
         elif args.mode == "gpu-estimate":
