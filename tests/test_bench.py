@@ -129,29 +129,76 @@ def test_compare_runs_pairs_by_run_id(tmp_path):
     assert summary["val_diff_points"]["standard_error"] == pytest.approx(1.5)
 
 
-def test_compare_runs_rejects_disjoint_folders(tmp_path):
-    from synthetic_runs import write_run
-
-    write_run(tmp_path / "first" / "mlp", "mlp", "mlp", {"hidden_sizes": [64, 32]}, best_val_acc=0.4)
-    (tmp_path / "second").mkdir()
-    command = [sys.executable, "-m", "cifar_study.bench", "compare-runs",
-               "--runs", str(tmp_path / "first"), str(tmp_path / "second")]
+def _compare_error(first, second) -> str:
+    command = [sys.executable, "-m", "cifar_study.bench", "compare-runs", "--runs", str(first), str(second)]
     process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert process.returncode == 1
-    assert "no run id is in both" in process.stderr
+    assert process.returncode == 1, process.stdout
+    assert "Traceback" not in process.stderr
+    return process.stderr
 
 
-def test_compare_runs_names_damaged_run_json(tmp_path):
+@pytest.mark.parametrize("damage, expected", [
+    ('{"run_id": "mlp", ', "mlp/run.json is not a valid run.json (Expecting"),
+    ("5", "mlp/run.json is not a valid run.json (not a JSON object)"),
+    ('{"run_id": "mlp", "model": "mlp", "precision": "fp32", "best_val_acc": "0.4", "test_acc": 0.4}',
+     "best_val_acc is '0.4', expected a fraction from 0 to 1 or null"),
+    ('{"run_id": "mlp", "model": "mlp", "precision": "fp32", "best_val_acc": 38.6, "test_acc": 0.4}',
+     "best_val_acc is 38.6, expected a fraction"),
+    ('{"run_id": "mlp", "model": "mlp", "precision": "fp32", "best_val_acc": NaN, "test_acc": 0.4}',
+     "best_val_acc is nan, expected a fraction"),
+    ('{"run_id": ["mlp"], "model": "mlp", "precision": "fp32", "best_val_acc": 0.4, "test_acc": 0.4}',
+     "run_id is ['mlp'], expected a string"),
+    ('{"run_id": "mlp", "model": "mlp", "precision": "fp32", "best_val_acc": 0.4}', "missing test_acc"),
+])
+def test_compare_runs_names_damaged_run_json(tmp_path, damage, expected):
     from synthetic_runs import write_run
 
     for folder in ("first", "second"):
         write_run(tmp_path / folder / "mlp", "mlp", "mlp", {"hidden_sizes": [64, 32]}, best_val_acc=0.4)
-    (tmp_path / "second" / "mlp" / "run.json").write_text('{"run_id": "mlp", ')
-    command = [sys.executable, "-m", "cifar_study.bench", "compare-runs",
-               "--runs", str(tmp_path / "first"), str(tmp_path / "second")]
-    process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert process.returncode == 1
-    assert "second/mlp/run.json is not a valid run.json" in process.stderr
+    (tmp_path / "second" / "mlp" / "run.json").write_text(damage)
+    message = _compare_error(tmp_path / "first", tmp_path / "second")
+    assert expected in message
+    assert "rerun that run or remove its folder" in message
+
+
+def test_compare_runs_rejects_bad_folders(tmp_path):
+    from synthetic_runs import write_run
+
+    settings = {"hidden_sizes": [64, 32]}
+    write_run(tmp_path / "first" / "mlp", "mlp", "mlp", settings, best_val_acc=0.4)
+    write_run(tmp_path / "other" / "mlp__lr=0.1", "mlp__lr=0.1", "mlp", settings, best_val_acc=0.4)
+    write_run(tmp_path / "twice" / "a", "mlp", "mlp", settings, best_val_acc=0.4)
+    write_run(tmp_path / "twice" / "b", "mlp", "mlp", settings, best_val_acc=0.3)
+    (tmp_path / "empty").mkdir()
+
+    assert "no run id is in both" in _compare_error(tmp_path / "first", tmp_path / "other")
+    assert "contains no <run-id>/run.json" in _compare_error(tmp_path / "first", tmp_path / "empty")
+    assert "is not a folder" in _compare_error(tmp_path / "first", tmp_path / "first" / "mlp" / "run.json")
+    assert "not found" in _compare_error(tmp_path / "first", tmp_path / "missing")
+    assert "run id 'mlp' is in both" in _compare_error(tmp_path / "first", tmp_path / "twice")
+
+
+def test_compare_runs_skips_runs_without_best_epoch(tmp_path):
+    from synthetic_runs import write_run
+
+    settings = {"hidden_sizes": [64, 32]}
+    for folder in ("first", "second"):
+        write_run(tmp_path / folder / "mlp", "mlp", "mlp", settings, best_val_acc=0.4)
+        write_run(tmp_path / folder / "mlp__lr=0.1", "mlp__lr=0.1", "mlp", settings, best_val_acc=0.3)
+    # A run that diverged in its first epoch writes null accuracies.
+    path = tmp_path / "second" / "mlp__lr=0.1" / "run.json"
+    summary = json.loads(path.read_text())
+    summary.update(best_val_acc=None, test_acc=None)
+    path.write_text(json.dumps(summary))
+
+    rows = run_bench("compare-runs", "--runs", str(tmp_path / "first"), str(tmp_path / "second"))
+    runs = {row["run_id"]: row for row in rows if "run_id" in row}
+    assert runs["mlp__lr=0.1"]["val_diff_points"] is None
+    summary = next(row for row in rows if "runs" in row)
+    assert summary["runs"] == 2
+    assert summary["val_diff_points"]["mean"] == pytest.approx(0.0)
+    # One difference has no standard error, written as null rather than NaN.
+    assert summary["val_diff_points"]["standard_error"] is None
 
 
 def test_gpu_estimate_covers_every_run():

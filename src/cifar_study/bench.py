@@ -483,7 +483,18 @@ def _print_speed_table(device: torch.device, matmul: dict[str, dict[int, float]]
 
 def _devices(requested: list[str] | None) -> list[torch.device]:
     if requested:
-        return [torch.device(name) for name in requested]
+        devices = []
+        for name in requested:
+            try:
+                device = torch.device(name)
+            except RuntimeError:
+                raise ValueError(f"invalid --device {name!r}; use cpu, cuda or cuda:N") from None
+            if device.type not in ("cpu", "cuda"):
+                raise ValueError(f"invalid --device {name!r}; use cpu, cuda or cuda:N")
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"--device {name} requested but CUDA is not available; use --device cpu")
+            devices.append(device)
+        return devices
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))
@@ -793,27 +804,69 @@ def run_gpu_estimate(args: argparse.Namespace) -> dict[str, Any]:
 # Compare runs ---------------------------------------------------------------
 
 
-# Keys of run.json that the comparison reads.
-RUN_SUMMARY_KEYS = frozenset({"run_id", "model", "precision", "best_val_acc", "test_acc"})
+def _fraction_or_none(value: Any) -> bool:
+    """Return whether ``value`` is an accuracy as run.json writes it: a fraction in [0, 1], or null."""
+    if value is None:
+        return True
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def _check_run_summary(summary: Any) -> str | None:
+    """Return what makes ``summary`` an invalid run.json for the comparison, or None."""
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    for key in ("run_id", "model", "precision"):
+        if not isinstance(summary.get(key), str):
+            return f"{key} is {summary.get(key)!r}, expected a string"
+    for key in ("best_val_acc", "test_acc"):
+        if key not in summary:
+            return f"missing {key}"
+        if not _fraction_or_none(summary[key]):
+            return f"{key} is {summary[key]!r}, expected a fraction from 0 to 1 or null"
+    return None
 
 
 def read_run_summaries(runs_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Return the run.json of every finished run in ``runs_dir``, by run id."""
+    """Return the run.json of every run in ``runs_dir``, by run id, after checking the keys the comparison reads."""
     runs_dir = Path(runs_dir)
-    if not runs_dir.is_dir():
+    if not runs_dir.exists():
         raise FileNotFoundError(f"runs folder {str(runs_dir)!r} not found; pass the results/runs folder of a finished study")
-    summaries = {}
-    for path in sorted(runs_dir.glob("*/run.json")):
+    if not runs_dir.is_dir():
+        raise ValueError(f"{str(runs_dir)!r} is not a folder; pass the results/runs folder of a finished study")
+    paths = sorted(runs_dir.glob("*/run.json"))
+    if not paths:
+        raise ValueError(f"{str(runs_dir)!r} contains no <run-id>/run.json; pass the results/runs folder of a finished study")
+
+    summaries: dict[str, dict[str, Any]] = {}
+    folders: dict[str, Path] = {}
+    for path in paths:
         try:
-            summary = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{path} is not a valid run.json ({error}); rerun that run or remove its folder") from None
-        missing = sorted(RUN_SUMMARY_KEYS - set(summary))
-        if missing:
-            raise ValueError(f"{path} is not a valid run.json (missing {', '.join(missing)}); "
-                             f"rerun that run or remove its folder")
-        summaries[summary["run_id"]] = summary
+        problem = _check_run_summary(summary)
+        if problem:
+            raise ValueError(f"{path} is not a valid run.json ({problem}); rerun that run or remove its folder")
+        run_id = summary["run_id"]
+        if run_id in summaries:
+            raise ValueError(f"run id {run_id!r} is in both {folders[run_id]} and {path.parent}; remove one of them")
+        summaries[run_id], folders[run_id] = summary, path.parent
     return summaries
+
+
+def _difference_summary(values: list[float]) -> dict[str, float | None]:
+    """Return the mean, standard error, min and max of ``values``, each None where it is undefined."""
+    if not values:
+        return {"mean": None, "standard_error": None, "min": None, "max": None}
+    standard_error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "standard_error": standard_error, "min": min(values), "max": max(values)}
+
+
+def _format_difference(name: str, diff: dict[str, float | None]) -> str:
+    if diff["mean"] is None:
+        return f"{name} n/a"
+    error = f"{diff['standard_error']:.1f}" if diff["standard_error"] is not None else "n/a"
+    return f"{name} {diff['mean']:+.1f} +- {error} ({diff['min']:+.1f} to {diff['max']:+.1f})"
 
 
 def run_compare_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -821,49 +874,57 @@ def run_compare_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     common = sorted(set(first) & set(second))
     if not common:
         raise ValueError(f"no run id is in both {args.runs[0]!r} and {args.runs[1]!r}; pass two runs folders of the same config")
+    for run_id in common:
+        if first[run_id]["model"] != second[run_id]["model"]:
+            raise ValueError(f"run {run_id!r} trained {first[run_id]['model']} in the first folder and "
+                             f"{second[run_id]['model']} in the second; pass two runs folders of the same config")
 
     rows = []
     for run_id in common:
         first_run, second_run = first[run_id], second[run_id]
-        rows.append({
+        row = {
             "run_id": run_id,
             "model": first_run["model"],
             "precision": [first_run["precision"], second_run["precision"]],
             "best_val_acc": [first_run["best_val_acc"], second_run["best_val_acc"]],
             "test_acc": [first_run["test_acc"], second_run["test_acc"]],
-            "val_diff_points": 100 * (first_run["best_val_acc"] - second_run["best_val_acc"]),
-            "test_diff_points": 100 * (first_run["test_acc"] - second_run["test_acc"]),
-        })
+        }
+        # A run with no best epoch (it diverged at once) has null accuracies and no difference.
+        for key, name in (("best_val_acc", "val_diff_points"), ("test_acc", "test_diff_points")):
+            values = row[key]
+            row[name] = 100 * (values[0] - values[1]) if None not in values else None
+        rows.append(row)
 
     summaries = []
     for model in sorted({row["model"] for row in rows}):
         model_rows = [row for row in rows if row["model"] == model]
         summary = {"model": model, "runs": len(model_rows)}
         for key in ("val_diff_points", "test_diff_points"):
-            values = [row[key] for row in model_rows]
-            standard_error = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-            summary[key] = {"mean": statistics.fmean(values), "standard_error": standard_error,
-                            "min": min(values), "max": max(values)}
+            summary[key] = _difference_summary([row[key] for row in model_rows if row[key] is not None])
         summaries.append(summary)
+    counts = {"runs_in_both": len(common), "first_only": len(set(first) - set(second)),
+              "second_only": len(set(second) - set(first))}
 
     if args.json:
-        for row in rows + summaries:
+        for row in [*rows, *summaries, counts]:
             print(json.dumps(row), flush=True)
-    else:
-        print(f"first: {args.runs[0]}\nsecond: {args.runs[1]}\n{len(common)} runs in both "
-              f"(first only: {len(set(first) - set(second))}, second only: {len(set(second) - set(first))})")
-        width = max(len(run_id) for run_id in common) + 2
-        print(f"{'run':<{width}}{'precision':>12}{'best val_acc %':>17}{'test_acc %':>14}")
-        for row in rows:
-            precision = "/".join(row["precision"])
-            val = "/".join(f"{100 * v:.1f}" for v in row["best_val_acc"])
-            test = "/".join(f"{100 * v:.1f}" for v in row["test_acc"])
-            print(f"{row['run_id']:<{width}}{precision:>12}{val:>17}{test:>14}")
-        print("first minus second, in points: mean +- standard error (min to max)")
-        for summary in summaries:
-            cells = [f"{name} {diff['mean']:+.1f} +- {diff['standard_error']:.1f} ({diff['min']:+.1f} to {diff['max']:+.1f})"
-                     for name, diff in (("val", summary["val_diff_points"]), ("test", summary["test_diff_points"]))]
-            print(f"  {summary['model']:<10}{summary['runs']:>3} runs  " + "   ".join(cells))
+        return rows + summaries
+
+    print(f"first: {args.runs[0]}\nsecond: {args.runs[1]}\n{counts['runs_in_both']} runs in both "
+          f"(first only: {counts['first_only']}, second only: {counts['second_only']})")
+    width = max(len(run_id) for run_id in common) + 2
+    print(f"{'run':<{width}}{'precision':>12}{'best val_acc %':>17}{'test_acc %':>14}")
+    for row in rows:
+        precision = "/".join(row["precision"])
+        val = "/".join("n/a" if v is None else f"{100 * v:.1f}" for v in row["best_val_acc"])
+        test = "/".join("n/a" if v is None else f"{100 * v:.1f}" for v in row["test_acc"])
+        print(f"{row['run_id']:<{width}}{precision:>12}{val:>17}{test:>14}")
+    print("first minus second, in points: mean +- standard error (min to max)")
+    for summary in summaries:
+        cells = [_format_difference("val", summary["val_diff_points"]),
+                 _format_difference("test", summary["test_diff_points"])]
+        runs = f"{summary['runs']} run" + ("s" if summary["runs"] != 1 else "")
+        print(f"  {summary['model']:<10}{runs:>8}  " + "   ".join(cells))
     return rows + summaries
 
 
@@ -901,8 +962,15 @@ def run_profile(args: argparse.Namespace) -> list[dict[str, Any]]:
         for model_name in args.models:
             settings = load_study_settings(args.config, model_name)
             fast_path = choose_fast_path(model_name, device, args.precision or settings["precision"], args.compile)
+            if args.channels_last != "auto":
+                fast_path = dataclasses.replace(fast_path, channels_last=args.channels_last == "on")
             batch_size = args.batch_size or settings["batch_size"]
-            data = load_images(args.data, args.root, (max(args.warmup, 1) + steps) * batch_size)
+            needed = (max(args.warmup, 1) + steps) * batch_size
+            if needed > FULL_EPOCH_IMAGES:
+                raise ValueError(f"profiling {steps} steps after {max(args.warmup, 1)} warm-up steps of {batch_size} "
+                                 f"images needs {needed} images, over the {FULL_EPOCH_IMAGES} of the training split; "
+                                 f"lower --steps or --batch-size")
+            data = load_images(args.data, args.root, needed)
             images, labels = data["train_images"].to(device), data["train_labels"].to(device)
             torch.manual_seed(settings["seed"])
             model, step_model = place_model(build_model(model_name, **model_args(model_name, settings)), device, fast_path)
@@ -931,6 +999,9 @@ def run_profile(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "model": model_name,
                 "device": device.type,
                 "precision": fast_path.precision,
+                "channels_last": fast_path.channels_last,
+                "compile": fast_path.compile,
+                "batch_size": batch_size,
                 "steps": steps,
                 "step_seconds": seconds / steps,
                 "group_shares": {group: value / total for group, value in groups.items()},
@@ -1003,7 +1074,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=POSITIVE_INT, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per line instead of tables")
 
-    speed = parser.add_argument_group("speed and profile")
+    speed = parser.add_argument_group(
+        "speed", "profile takes --steps, --batch-size, --warmup, --precision, --channels-last, --compile and "
+                 "--matmul-sizes too")
     speed.add_argument("--images", type=POSITIVE_INT, default=5120, help="real training images to load (default: 5120)")
     speed.add_argument("--steps", type=POSITIVE_INT, help="timed training steps per repeat (default: set by --block-seconds; profile: 10)")
     speed.add_argument("--block-seconds", type=POSITIVE_FLOAT, default=4.0,
