@@ -1005,9 +1005,9 @@ def run_profile(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "steps": steps,
                 "step_seconds": seconds / steps,
                 "group_shares": {group: value / total for group, value in groups.items()},
-                "kernel_flop_per_s": flops * steps / kernel_seconds if kernel_seconds else math.nan,
+                "kernel_flop_per_s": flops * steps / kernel_seconds if kernel_seconds else None,
                 "matmul_flop_per_s": peak,
-                "kernel_matmul_share": flops * steps / kernel_seconds / peak if kernel_seconds else math.nan,
+                "kernel_matmul_share": flops * steps / kernel_seconds / peak if kernel_seconds else None,
                 "step_matmul_share": flops * steps / seconds / peak,
             }
             rows.append(row)
@@ -1023,6 +1023,9 @@ def _print_profile(device: torch.device, row: dict[str, Any]) -> None:
           f"{row['step_seconds'] * 1e3:.1f} ms (under the profiler)")
     for group, share in sorted(row["group_shares"].items(), key=lambda item: -item[1]):
         print(f"  {group:<24}{share:>7.1%}")
+    if row["kernel_flop_per_s"] is None:
+        print("no matmul or convolution operator was profiled")
+        return
     print(f"matmul and convolution kernels: {row['kernel_flop_per_s'] / 1e9:.0f} GFLOP/s, "
           f"{row['kernel_matmul_share']:.0%} of the {row['matmul_flop_per_s'] / 1e9:.0f} GFLOP/s square matmul; "
           f"whole step {row['step_matmul_share']:.0%}")
