@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 
@@ -238,3 +239,18 @@ def test_bench_rejects_invalid_option(option, value, expected):
     process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert process.returncode == 2
     assert f"argument {option}: {expected}" in process.stderr
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("foo", "invalid --device 'foo'; use cpu, cuda or cuda:N"),
+    ("meta", "invalid --device 'meta'; use cpu, cuda or cuda:N"),
+    pytest.param("cuda", "--device cuda requested but CUDA is not available; use --device cpu",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")),
+])
+def test_bench_rejects_unusable_device(prepared_small, device, expected):
+    command = [sys.executable, "-m", "cifar_study.bench", "profile", "--data", str(prepared_small),
+               "--device", device, "--config", str(REPO / "config.yaml")]
+    process = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1
+    assert expected in process.stderr
+    assert "Traceback" not in process.stderr
