@@ -258,6 +258,17 @@ class SpeedSetup:
     flops_per_step: int
 
 
+def speed_setup(args: argparse.Namespace, model_name: str, device: torch.device) -> SpeedSetup:
+    """Build the setup of one model on ``device`` from the study config and the command-line overrides."""
+    settings = load_study_settings(args.config, model_name)
+    fast_path = choose_fast_path(model_name, device, args.precision or settings["precision"], args.compile)
+    if args.channels_last != "auto":
+        fast_path = dataclasses.replace(fast_path, channels_last=args.channels_last == "on")
+    batch_size = args.batch_size or settings["batch_size"]
+    flops, _ = count_train_flops(model_name, model_args(model_name, settings), batch_size)
+    return SpeedSetup(model_name, device, fast_path, settings, batch_size, flops)
+
+
 def _pipeline_block(setup, model, step_model, optimizer, images, labels, generator, track_grad_norms: bool) -> float:
     start = _sync_time(setup.device)
     train_epoch(
@@ -406,15 +417,9 @@ def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
         matmul = {p: matmul_throughput(device, p, sizes, matmul_repeats) for p in DTYPES if _supports(device, p)}
         device_rows = []
         for model_name in args.models:
-            settings = load_study_settings(args.config, model_name)
-            fast_path = choose_fast_path(model_name, device, args.precision or settings["precision"], args.compile)
-            if args.channels_last != "auto":
-                fast_path = dataclasses.replace(fast_path, channels_last=args.channels_last == "on")
-            batch_size = args.batch_size or settings["batch_size"]
-            flops, _ = count_train_flops(model_name, model_args(model_name, settings), batch_size)
-            setup = SpeedSetup(model_name, device, fast_path, settings, batch_size, flops)
+            setup = speed_setup(args, model_name, device)
             result = measure_speed(setup, data, args)
-            device_rows.append((setup, flops, result))
+            device_rows.append((setup, setup.flops_per_step, result))
             if not args.json:
                 print(f"measured {model_name} on {device}", file=sys.stderr)
         for precision in matmul:
@@ -960,11 +965,8 @@ def run_profile(args: argparse.Namespace) -> list[dict[str, Any]]:
     for device in _devices(args.device):
         sizes = tuple(args.matmul_sizes) if args.matmul_sizes else MATMUL_SIZES[device.type]
         for model_name in args.models:
-            settings = load_study_settings(args.config, model_name)
-            fast_path = choose_fast_path(model_name, device, args.precision or settings["precision"], args.compile)
-            if args.channels_last != "auto":
-                fast_path = dataclasses.replace(fast_path, channels_last=args.channels_last == "on")
-            batch_size = args.batch_size or settings["batch_size"]
+            setup = speed_setup(args, model_name, device)
+            settings, fast_path, batch_size = setup.settings, setup.fast_path, setup.batch_size
             needed = (max(args.warmup, 1) + steps) * batch_size
             if needed > FULL_EPOCH_IMAGES:
                 raise ValueError(f"profiling {steps} steps after {max(args.warmup, 1)} warm-up steps of {batch_size} "
@@ -976,7 +978,6 @@ def run_profile(args: argparse.Namespace) -> list[dict[str, Any]]:
             model, step_model = place_model(build_model(model_name, **model_args(model_name, settings)), device, fast_path)
             optimizer = make_optimizer(model, settings)
             generator = torch.Generator(device=device).manual_seed(settings["seed"])
-            setup = SpeedSetup(model_name, device, fast_path, settings, batch_size, 0)
             warm = max(args.warmup, 1) * batch_size
             _pipeline_block(setup, model, step_model, optimizer, images[:warm], labels[:warm], generator, True)
 
@@ -992,7 +993,7 @@ def run_profile(args: argparse.Namespace) -> list[dict[str, Any]]:
                 groups[operator_group(event.key)] += getattr(event, attribute) / 1e6
             total = sum(groups.values())
 
-            flops, _ = count_train_flops(model_name, model_args(model_name, settings), batch_size)
+            flops = setup.flops_per_step
             peak = max(matmul_throughput(device, fast_path.precision, sizes, 3).values())
             kernel_seconds = groups["matmul and convolution"]
             row = {
