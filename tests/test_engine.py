@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cifar_study.augment import random_flip_crop
 from cifar_study.data import load_prepared
-from cifar_study.engine import prepare_batch, train_epoch
+from cifar_study.engine import _flat_view, accumulate_grad_norms, prepare_batch, train_epoch
 from cifar_study.models import build_model
 from cifar_study.train import make_optimizer
 
@@ -41,22 +41,42 @@ def naive_grad_norms(model, optimizer, images, labels, batch_size, generator):
     return norms.mean(dim=0), norms.max(dim=0).values
 
 
-@pytest.mark.parametrize("name", list(SMALL_MODELS))
-def test_grad_norms_match_naive(name, prepared_small):
+@pytest.mark.parametrize("name, channels_last", [(name, False) for name in SMALL_MODELS] + [("resnet18", True)])
+def test_grad_norms_match_naive(name, channels_last, prepared_small):
     data = load_prepared(prepared_small)
     images, labels = data["train_images"][:40], data["train_labels"][:40]
     torch.manual_seed(0)
     model = build_model(name, **SMALL_MODELS[name])
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     naive_model = copy.deepcopy(model)
 
     stats = train_epoch(model, make_optimizer(model, OPTIMIZER), images, labels, 16,
-                        torch.Generator().manual_seed(1), "fp32", track_grad_norms=True)
+                        torch.Generator().manual_seed(1), "fp32", channels_last=channels_last)
     mean, maximum = naive_grad_norms(naive_model, make_optimizer(naive_model, OPTIMIZER), images, labels, 16,
                                      torch.Generator().manual_seed(1))
 
     assert len(stats.grad_norm_mean) == len(list(model.parameters()))
     torch.testing.assert_close(torch.tensor(stats.grad_norm_mean, dtype=torch.float64), mean, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(torch.tensor(stats.grad_norm_max, dtype=torch.float64), maximum, rtol=1e-4, atol=1e-7)
+
+
+def test_flat_view_shares_memory():
+    grad = torch.randn(8, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    flat = _flat_view(grad)
+    assert flat.data_ptr() == grad.data_ptr()
+    assert torch.equal(flat.sort().values, grad.reshape(-1).sort().values)
+
+
+def test_missing_gradient_counts_as_zero():
+    used, unused = torch.ones(3, requires_grad=True), torch.ones(2, requires_grad=True)
+    (4 * used).sum().backward()
+    norm_sum, norm_max = torch.zeros(2), torch.zeros(2)
+    accumulate_grad_norms([used, unused], norm_sum, norm_max)
+    accumulate_grad_norms([used, unused], norm_sum, norm_max)
+    # The gradient of 4 * used is 4 in each of three elements: norm 4 * sqrt(3).
+    torch.testing.assert_close(norm_sum, torch.tensor([8 * 3**0.5, 0.0]))
+    torch.testing.assert_close(norm_max, torch.tensor([4 * 3**0.5, 0.0]))
 
 
 def test_grad_norm_tracking_off_returns_none(prepared_small):
