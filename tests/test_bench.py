@@ -68,6 +68,13 @@ def test_speed_rejects_too_few_images(prepared_small):
     assert "raise --images" in process.stderr
 
 
+def test_speed_blocks_repeat_passes(prepared_small):
+    # 64 images give 4 steps of 16; 6 steps take two passes of 3 steps.
+    rows = run_bench("speed", "--data", str(prepared_small), "--device", "cpu", "--models", "mlp", "--images", "64",
+                     "--batch-size", "16", "--steps", "6", "--warmup", "1", "--repeats", "1", "--matmul-sizes", "256")
+    assert rows[0]["pipeline_steps"] == 6
+
+
 def test_accuracy_tiny_preset(prepared_small):
     rows = run_bench("accuracy", "--preset", "tiny", "--data", str(prepared_small), "--device", "cpu",
                      "--models", "mlp")
@@ -98,6 +105,7 @@ def test_profile_splits_the_step(prepared_small):
     ("aten::native_batch_norm_backward", "normalisation"),
     ("aten::gelu_backward", "activations"),
     ("aten::_foreach_norm", "gradient norms"),
+    ("aten::dot", "gradient norms"),
     ("aten::_fused_adamw_", "optimizer"),
     ("aten::_to_copy", "copies and casts"),
     ("aten::grid_sampler_2d", "augmentation"),

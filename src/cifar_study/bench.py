@@ -269,13 +269,16 @@ def speed_setup(args: argparse.Namespace, model_name: str, device: torch.device)
     return SpeedSetup(model_name, device, fast_path, settings, batch_size, flops)
 
 
-def _pipeline_block(setup, model, step_model, optimizer, images, labels, generator, track_grad_norms: bool) -> float:
+def _pipeline_block(
+    setup, model, step_model, optimizer, images, labels, generator, track_grad_norms: bool, passes: int = 1,
+) -> float:
     start = _sync_time(setup.device)
-    train_epoch(
-        step_model, optimizer, images, labels, setup.batch_size, generator, setup.fast_path.precision,
-        augment=setup.settings["augment"], channels_last=setup.fast_path.channels_last,
-        track_grad_norms=track_grad_norms, progress_label=f"bench {setup.model_name}",
-    )
+    for _ in range(passes):
+        train_epoch(
+            step_model, optimizer, images, labels, setup.batch_size, generator, setup.fast_path.precision,
+            augment=setup.settings["augment"], channels_last=setup.fast_path.channels_last,
+            track_grad_norms=track_grad_norms, progress_label=f"bench {setup.model_name}",
+        )
     return _sync_time(setup.device) - start
 
 
@@ -313,10 +316,9 @@ def _grad_norm_seconds(params: list[torch.Tensor], device: torch.device, repeats
     return _median(seconds)
 
 
-def _block_steps(args: argparse.Namespace, step_seconds: float, max_steps: int | None = None) -> int:
+def _block_steps(args: argparse.Namespace, step_seconds: float) -> int:
     """Return the steps of one timed block: --steps, or enough for --block-seconds at ``step_seconds`` a step."""
-    steps = args.steps or max(MIN_STEPS, math.ceil(args.block_seconds / step_seconds))
-    return min(steps, max_steps) if max_steps else steps
+    return args.steps or max(MIN_STEPS, math.ceil(args.block_seconds / step_seconds))
 
 
 def measure_speed(setup: SpeedSetup, data: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, Any]:
@@ -336,8 +338,13 @@ def measure_speed(setup: SpeedSetup, data: dict[str, torch.Tensor], args: argpar
         _pipeline_block(setup, model, step_model, optimizer, all_images[warm], all_labels[warm], generator, track)
     # A second, timed warm-up block sizes the timed blocks.
     step_s = _pipeline_block(setup, model, step_model, optimizer, all_images[warm], all_labels[warm], generator, True)
-    pipeline_steps = _block_steps(args, step_s / max(warmup, 1), len(all_labels) // batch_size)
-    images, labels = all_images[: pipeline_steps * batch_size], all_labels[: pipeline_steps * batch_size]
+    # A block longer than the loaded images passes over them more than once,
+    # so that a fast model's blocks still last about --block-seconds.
+    target_steps = _block_steps(args, step_s / max(warmup, 1))
+    passes = math.ceil(target_steps / (len(all_labels) // batch_size))
+    pass_steps = math.ceil(target_steps / passes)
+    pipeline_steps = passes * pass_steps
+    images, labels = all_images[: pass_steps * batch_size], all_labels[: pass_steps * batch_size]
 
     # The reference: its own fp32 copy of the same initial weights, default AdamW.
     torch.manual_seed(seed)
@@ -360,7 +367,7 @@ def measure_speed(setup: SpeedSetup, data: dict[str, torch.Tensor], args: argpar
         # then swap order every repeat, so that neither always comes first.
         _pipeline_block(setup, model, step_model, optimizer, all_images[warm], all_labels[warm], generator, True)
         for track in (True, False) if repeat % 2 == 0 else (False, True):
-            seconds = _pipeline_block(setup, model, step_model, optimizer, images, labels, generator, track)
+            seconds = _pipeline_block(setup, model, step_model, optimizer, images, labels, generator, track, passes)
             (pipeline_s if track else no_norms_s).append(seconds)
         matmul_flop_per_s.append(matmul_throughput(device, setup.fast_path.precision, (matmul_size,), 3)[matmul_size])
     other_load = _other_load(cpu_start)
@@ -401,11 +408,12 @@ def measure_speed(setup: SpeedSetup, data: dict[str, torch.Tensor], args: argpar
 def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
     for model_name in args.models:
         batch_size = args.batch_size or load_study_settings(args.config, model_name)["batch_size"]
-        needed = (args.steps or MIN_STEPS) * batch_size
+        # Longer blocks pass over the images again; each pass holds MIN_STEPS batches or more.
+        needed = MIN_STEPS * batch_size
         if needed > args.images:
             raise ValueError(
-                f"blocks of {args.steps or MIN_STEPS} steps of {batch_size} images ({model_name}) need {needed} "
-                f"images but --images is {args.images}; raise --images or lower --steps"
+                f"timed blocks of {batch_size} images a step ({model_name}) need at least {needed} images "
+                f"({MIN_STEPS} steps) but --images is {args.images}; raise --images or lower --batch-size"
             )
     data = load_images(args.data, args.root, args.images)
     rows = []
@@ -939,7 +947,8 @@ def run_compare_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 # group with a pattern in its name. Groups add up self time, so a composite
 # operator (aten::linear, aten::convolution) and the kernels it calls count once.
 OPERATOR_GROUPS = (
-    ("gradient norms", ("_foreach_norm", "linalg_vector_norm")),
+    # The engine takes the norms with _foreach_norm on CUDA and with dot products on the CPU.
+    ("gradient norms", ("_foreach_norm", "linalg_vector_norm", "aten::dot")),
     ("matmul and convolution", ("conv", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
     ("normalisation", ("batch_norm", "layer_norm")),
     ("activations", ("relu", "threshold_backward", "gelu", "sigmoid", "tanh", "clamp_min")),
