@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from synthetic_runs import REPO, small_config, write_run, write_study_runs
+from synthetic_runs import REPO, small_config, write_study_runs
 
 from cifar_study import figures, report, tables
 from cifar_study.config import ConfigError, build_study

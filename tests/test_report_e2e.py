@@ -7,7 +7,6 @@ import re
 import shutil
 import subprocess
 
-import pytest
 import yaml
 from snakemake.utils import update_config
 

@@ -22,7 +22,6 @@ import logging
 import math
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
