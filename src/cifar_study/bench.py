@@ -1090,7 +1090,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     speed = parser.add_argument_group(
         "speed", "profile takes --steps, --batch-size, --warmup, --precision, --channels-last, --compile and "
                  "--matmul-sizes too")
-    speed.add_argument("--images", type=POSITIVE_INT, default=5120, help="real training images to load (default: 5120)")
+    speed.add_argument("--images", type=POSITIVE_INT, default=5120,
+                       help="real training images to load; longer timed blocks pass over them again (default: 5120)")
     speed.add_argument("--steps", type=POSITIVE_INT, help="timed training steps per repeat (default: set by --block-seconds; profile: 10)")
     speed.add_argument("--block-seconds", type=POSITIVE_FLOAT, default=4.0,
                        help=f"target length of a timed block, at least {MIN_STEPS} steps, when --steps is not given "
