@@ -69,10 +69,29 @@ def test_speed_rejects_too_few_images(prepared_small):
 
 
 def test_speed_blocks_repeat_passes(prepared_small):
-    # 64 images give 4 steps of 16; 6 steps take two passes of 3 steps.
+    # 64 images give 4 steps of 16, so 7 steps take a pass of 4 and one of 3.
     rows = run_bench("speed", "--data", str(prepared_small), "--device", "cpu", "--models", "mlp", "--images", "64",
-                     "--batch-size", "16", "--steps", "6", "--warmup", "1", "--repeats", "1", "--matmul-sizes", "256")
-    assert rows[0]["pipeline_steps"] == 6
+                     "--batch-size", "16", "--steps", "7", "--warmup", "1", "--repeats", "1", "--matmul-sizes", "256")
+    assert rows[0]["pipeline_steps"] == 7
+
+
+def test_pipeline_block_runs_requested_steps(prepared_small):
+    from cifar_study import bench
+
+    args = bench.parse_args(["speed", "--config", str(REPO / "config.yaml"), "--batch-size", "16"])
+    setup = bench.speed_setup(args, "mlp", torch.device("cpu"))
+    data = bench.load_images(str(prepared_small), None, 64)
+    model = bench.build_model("mlp", **bench.model_args("mlp", setup.settings))
+    optimizer = bench.make_optimizer(model, setup.settings)
+    steps = []
+    model.register_forward_hook(lambda module, inputs, output: steps.append(len(output)))
+
+    for requested in (1, 4, 10):
+        steps.clear()
+        bench._pipeline_block(setup, model, optimizer, data["train_images"], data["train_labels"],
+                              torch.Generator().manual_seed(0), True, requested)
+        assert len(steps) == requested
+        assert set(steps) == {16}
 
 
 def test_accuracy_tiny_preset(prepared_small):
@@ -235,7 +254,7 @@ def test_gpu_estimate_shared_jobs_bound():
     ("--repeats", "0", "expected a positive integer, got '0'"),
     ("--steps", "-3", "expected a positive integer, got '-3'"),
     ("--batch-size", "0", "expected a positive integer, got '0'"),
-    ("--warmup", "-1", "expected an integer of 0 or more, got '-1'"),
+    ("--warmup", "0", "expected a positive integer, got '0'"),
     ("--block-seconds", "0", "expected a positive number, got '0'"),
     ("--gpu-share", "1.5", "expected a share in (0, 1], got '1.5'"),
     ("--threads", "two", "expected a positive integer, got 'two'"),

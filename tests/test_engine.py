@@ -79,6 +79,24 @@ def test_missing_gradient_counts_as_zero():
     torch.testing.assert_close(norm_max, torch.tensor([4 * 3**0.5, 0.0]))
 
 
+@pytest.mark.parametrize("dtype, value", [(torch.float64, 1e25), (torch.float64, 1e-25), (torch.float16, 300.0)])
+def test_grad_norms_outside_float32_squares(dtype, value):
+    # The square of each norm is outside the range of float32 (float16 for 300), the norm is not.
+    param = torch.zeros(100, dtype=dtype, requires_grad=True)
+    param.grad = torch.full((100,), value, dtype=dtype)
+    norm_sum, norm_max = torch.zeros(1), torch.zeros(1)
+    accumulate_grad_norms([param], norm_sum, norm_max)
+    torch.testing.assert_close(norm_sum, torch.tensor([10 * value]), rtol=1e-3, atol=0)
+
+
+def test_grad_norm_of_complex_gradient():
+    param = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    param.grad = torch.tensor([1 + 1j, 2 - 1j, 3j], dtype=torch.complex64)
+    norm_sum, norm_max = torch.zeros(1), torch.zeros(1)
+    accumulate_grad_norms([param], norm_sum, norm_max)
+    torch.testing.assert_close(norm_sum, torch.tensor([4.0]))
+
+
 def test_grad_norm_tracking_off_returns_none(prepared_small):
     data = load_prepared(prepared_small)
     model = build_model("mlp", **SMALL_MODELS["mlp"])

@@ -270,15 +270,28 @@ def speed_setup(args: argparse.Namespace, model_name: str, device: torch.device)
 
 
 def _pipeline_block(
-    setup, model, step_model, optimizer, images, labels, generator, track_grad_norms: bool, passes: int = 1,
+    setup, step_model, optimizer, images, labels, generator, track_grad_norms: bool, steps: int | None = None,
 ) -> float:
+    """Return the seconds of ``steps`` training steps, one pass over the images when None.
+
+    More steps than the images hold pass over them again, the last pass over
+    the first images only.
+    """
+    pass_steps = len(labels) // setup.batch_size
+    if pass_steps == 0:
+        raise ValueError(f"a timed block needs at least one batch of {setup.batch_size} images, got {len(labels)}; "
+                         f"load more images or lower --batch-size")
+    remaining = steps or pass_steps
     start = _sync_time(setup.device)
-    for _ in range(passes):
+    while remaining > 0:
+        count = min(remaining, pass_steps)
         train_epoch(
-            step_model, optimizer, images, labels, setup.batch_size, generator, setup.fast_path.precision,
+            step_model, optimizer, images[: count * setup.batch_size], labels[: count * setup.batch_size],
+            setup.batch_size, generator, setup.fast_path.precision,
             augment=setup.settings["augment"], channels_last=setup.fast_path.channels_last,
             track_grad_norms=track_grad_norms, progress_label=f"bench {setup.model_name}",
         )
+        remaining -= count
     return _sync_time(setup.device) - start
 
 
@@ -332,19 +345,14 @@ def measure_speed(setup: SpeedSetup, data: dict[str, torch.Tensor], args: argpar
     model, step_model = place_model(build_model(setup.model_name, **args_of_model), device, setup.fast_path)
     optimizer = make_optimizer(model, setup.settings)
     generator = torch.Generator(device=device).manual_seed(seed)
-    all_images, all_labels = data["train_images"].to(device), data["train_labels"].to(device)
-    warm = slice(0, max(warmup, 1) * batch_size)
+    images, labels = data["train_images"].to(device), data["train_labels"].to(device)
+    pipeline_args = (setup, step_model, optimizer, images, labels, generator)
     for track in (True, False):
-        _pipeline_block(setup, model, step_model, optimizer, all_images[warm], all_labels[warm], generator, track)
-    # A second, timed warm-up block sizes the timed blocks.
-    step_s = _pipeline_block(setup, model, step_model, optimizer, all_images[warm], all_labels[warm], generator, True)
-    # A block longer than the loaded images passes over them more than once,
-    # so that a fast model's blocks still last about --block-seconds.
-    target_steps = _block_steps(args, step_s / max(warmup, 1))
-    passes = math.ceil(target_steps / (len(all_labels) // batch_size))
-    pass_steps = math.ceil(target_steps / passes)
-    pipeline_steps = passes * pass_steps
-    images, labels = all_images[: pass_steps * batch_size], all_labels[: pass_steps * batch_size]
+        _pipeline_block(*pipeline_args, track, warmup)
+    # A second, timed warm-up block sizes the timed blocks. A block longer
+    # than the loaded images passes over them again, so that a fast model's
+    # blocks still last about --block-seconds.
+    pipeline_steps = _block_steps(args, _pipeline_block(*pipeline_args, True, warmup) / warmup)
 
     # The reference: its own fp32 copy of the same initial weights, default AdamW.
     torch.manual_seed(seed)
@@ -365,9 +373,9 @@ def measure_speed(setup: SpeedSetup, data: dict[str, torch.Tensor], args: argpar
         # Untimed steps bring the pipeline's weights back into the caches and
         # let the reference's loader workers exit. The two pipeline blocks
         # then swap order every repeat, so that neither always comes first.
-        _pipeline_block(setup, model, step_model, optimizer, all_images[warm], all_labels[warm], generator, True)
+        _pipeline_block(*pipeline_args, True, warmup)
         for track in (True, False) if repeat % 2 == 0 else (False, True):
-            seconds = _pipeline_block(setup, model, step_model, optimizer, images, labels, generator, track, passes)
+            seconds = _pipeline_block(*pipeline_args, track, pipeline_steps)
             (pipeline_s if track else no_norms_s).append(seconds)
         matmul_flop_per_s.append(matmul_throughput(device, setup.fast_path.precision, (matmul_size,), 3)[matmul_size])
     other_load = _other_load(cpu_start)
@@ -408,7 +416,7 @@ def measure_speed(setup: SpeedSetup, data: dict[str, torch.Tensor], args: argpar
 def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
     for model_name in args.models:
         batch_size = args.batch_size or load_study_settings(args.config, model_name)["batch_size"]
-        # Longer blocks pass over the images again; each pass holds MIN_STEPS batches or more.
+        # Longer blocks pass over the images again, so MIN_STEPS batches are enough.
         needed = MIN_STEPS * batch_size
         if needed > args.images:
             raise ValueError(
@@ -947,7 +955,7 @@ def run_compare_runs(args: argparse.Namespace) -> list[dict[str, Any]]:
 # group with a pattern in its name. Groups add up self time, so a composite
 # operator (aten::linear, aten::convolution) and the kernels it calls count once.
 OPERATOR_GROUPS = (
-    # The engine takes the norms with _foreach_norm on CUDA and with dot products on the CPU.
+    # The engine takes the norms with _foreach_norm, or with dot products for fp32 gradients on the CPU.
     ("gradient norms", ("_foreach_norm", "linalg_vector_norm", "aten::dot")),
     ("matmul and convolution", ("conv", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
     ("normalisation", ("batch_norm", "layer_norm")),
@@ -976,9 +984,9 @@ def run_profile(args: argparse.Namespace) -> list[dict[str, Any]]:
         for model_name in args.models:
             setup = speed_setup(args, model_name, device)
             settings, fast_path, batch_size = setup.settings, setup.fast_path, setup.batch_size
-            needed = (max(args.warmup, 1) + steps) * batch_size
+            needed = (args.warmup + steps) * batch_size
             if needed > FULL_EPOCH_IMAGES:
-                raise ValueError(f"profiling {steps} steps after {max(args.warmup, 1)} warm-up steps of {batch_size} "
+                raise ValueError(f"profiling {steps} steps after {args.warmup} warm-up steps of {batch_size} "
                                  f"images needs {needed} images, over the {FULL_EPOCH_IMAGES} of the training split; "
                                  f"lower --steps or --batch-size")
             data = load_images(args.data, args.root, needed)
@@ -987,12 +995,12 @@ def run_profile(args: argparse.Namespace) -> list[dict[str, Any]]:
             model, step_model = place_model(build_model(model_name, **model_args(model_name, settings)), device, fast_path)
             optimizer = make_optimizer(model, settings)
             generator = torch.Generator(device=device).manual_seed(settings["seed"])
-            warm = max(args.warmup, 1) * batch_size
-            _pipeline_block(setup, model, step_model, optimizer, images[:warm], labels[:warm], generator, True)
+            warm = args.warmup * batch_size
+            _pipeline_block(setup, step_model, optimizer, images[:warm], labels[:warm], generator, True)
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities) as profiler:
-                seconds = _pipeline_block(setup, model, step_model, optimizer, images[warm:], labels[warm:],
+                seconds = _pipeline_block(setup, step_model, optimizer, images[warm:], labels[warm:],
                                           generator, True)
             # On CUDA the kernels' device time is what bounds the step; on the CPU it is the operators' own time.
             # NOTE: the CUDA branch has not run on a GPU yet, so its grouping of kernel time is unchecked.
@@ -1060,7 +1068,6 @@ def _number_type(convert, low: float, inclusive: bool, description: str):
 
 
 POSITIVE_INT = _number_type(int, 1, True, "a positive integer")
-NON_NEGATIVE_INT = _number_type(int, 0, True, "an integer of 0 or more")
 POSITIVE_FLOAT = _number_type(float, 0.0, False, "a positive number")
 NON_NEGATIVE_FLOAT = _number_type(float, 0.0, True, "a number of 0 or more")
 
@@ -1097,7 +1104,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help=f"target length of a timed block, at least {MIN_STEPS} steps, when --steps is not given "
                             f"(default: 4)")
     speed.add_argument("--batch-size", type=POSITIVE_INT, help="images per step (default: the config's batch_size, 128)")
-    speed.add_argument("--warmup", type=NON_NEGATIVE_INT, default=2, help="untimed steps before each measurement (default: 2)")
+    # The reference loop's warm-up steps also absorb its loader workers' start.
+    speed.add_argument("--warmup", type=POSITIVE_INT, default=2, help="untimed steps before each measurement (default: 2)")
     speed.add_argument("--repeats", type=POSITIVE_INT, default=5, help="repeats whose median is reported (default: 5)")
     speed.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="override the config's precision setting")
     speed.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",

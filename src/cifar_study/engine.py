@@ -137,14 +137,18 @@ def accumulate_grad_norms(params: list[torch.Tensor], norm_sum: torch.Tensor, no
     Nothing leaves the device. A parameter without a gradient counts as norm 0.
     """
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    if norm_sum.device.type == "cpu":
+    dense_fp32 = all(grad.dtype == torch.float32 and grad.layout == torch.strided for grad in grads)
+    if norm_sum.device.type == "cpu" and dense_fp32:
         # On the CPU torch._foreach_norm reduces each tensor on one thread,
         # while a BLAS dot product reads it with every thread. For the MLP on
         # 2 cores this cuts tracking from about 12% of a step to under 5% (BENCHMARKS.md).
         flat = [_flat_view(grad) for grad in grads]
-        norms = torch.stack([torch.dot(values, values) for values in flat]).float().sqrt()
+        norms = torch.stack([torch.dot(values, values) for values in flat]).sqrt()
     else:
-        # One multi-tensor kernel for all parameters.
+        # One multi-tensor kernel for all parameters. It also takes the
+        # gradients where a squared norm could leave the range of its dtype
+        # (float16, or float64 cast to float32) or a dot product does not apply
+        # (complex, sparse).
         norms = torch.stack(torch._foreach_norm(grads)).float()
     norm_sum += norms
     torch.maximum(norm_max, norms, out=norm_max)
