@@ -81,7 +81,7 @@ def test_missing_gradient_counts_as_zero():
 
 @pytest.mark.parametrize("dtype, value", [(torch.float64, 1e25), (torch.float64, 1e-25), (torch.float16, 300.0)])
 def test_grad_norms_outside_float32_squares(dtype, value):
-    # The square of each norm is outside the range of float32 (float16 for 300), the norm is not.
+    # Each squared norm is outside the range of float32 (of float16 for 300), while the norm itself is inside it.
     param = torch.zeros(100, dtype=dtype, requires_grad=True)
     param.grad = torch.full((100,), value, dtype=dtype)
     norm_sum, norm_max = torch.zeros(1), torch.zeros(1)

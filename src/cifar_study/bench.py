@@ -435,16 +435,16 @@ def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
         for model_name in args.models:
             setup = speed_setup(args, model_name, device)
             result = measure_speed(setup, data, args)
-            device_rows.append((setup, setup.flops_per_step, result))
+            device_rows.append((setup, result))
             if not args.json:
                 print(f"measured {model_name} on {device}", file=sys.stderr)
         for precision in matmul:
             again = matmul_throughput(device, precision, sizes, matmul_repeats)
             matmul[precision] = {n: max(matmul[precision][n], again[n]) for n in sizes}
 
-        for setup, flops, result in device_rows:
+        for setup, result in device_rows:
             peak = max(matmul[setup.fast_path.precision].values())
-            train_flop_per_s = flops * result["pipeline_img_per_s"] / setup.batch_size
+            train_flop_per_s = setup.flops_per_step * result["pipeline_img_per_s"] / setup.batch_size
             row = {
                 "model": setup.model_name,
                 "device": device.type,
@@ -458,7 +458,7 @@ def run_speed(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "batch_size": setup.batch_size,
                 "channels_last": setup.fast_path.channels_last,
                 "compile": setup.fast_path.compile,
-                "flops_per_step": flops,
+                "flops_per_step": setup.flops_per_step,
                 "train_flop_per_s": train_flop_per_s,
                 "matmul_flop_per_s": peak,
                 "matmul_flop_per_s_by_size": {str(n): v for n, v in matmul[setup.fast_path.precision].items()},
